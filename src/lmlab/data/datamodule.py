@@ -1,0 +1,159 @@
+"""The LightningDataModule: corpus -> tokens -> 9:1 split -> training examples."""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from lmlab.data.corpus import locate_builtin, read_documents
+from lmlab.data.datasets import RandomBlockBatches, SlidingWindows
+from lmlab.data.tokenizers import CharTokenizer, Tokenizer, TiktokenTokenizer, build_tokenizer
+from lmlab.errors import LmlabError
+
+SAMPLINGS = ("random", "sliding")
+
+
+class TextDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        corpus: str | None = None,
+        path: str | None = None,
+        text_field: str | None = None,
+        split_lines: bool = False,
+        tokenizer: str = "char",
+        block_size: int = 8,
+        batch_size: int = 32,
+        sampling: str = "random",
+        stride: int | None = None,
+        train_fraction: float = 0.9,
+        samples_per_epoch: int = 32_000,
+        data_dir: str = "data",
+        seed: int = 1337,
+        normalize: str | None = "NFC",
+        encoding_errors: str = "strict",
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        if corpus is None and path is None:
+            raise LmlabError("no corpus: choose a data config (data=...) or set data.path=FILE")
+        if not 0.0 < train_fraction < 1.0:
+            raise LmlabError(
+                f"data.train_fraction must be between 0 and 1 (exclusive), got {train_fraction}"
+            )
+        if sampling not in SAMPLINGS:
+            raise LmlabError(f"data.sampling must be one of {SAMPLINGS}, got {sampling!r}")
+        if block_size < 1 or batch_size < 1:
+            raise LmlabError("data.block_size and data.batch_size must be positive")
+        self.corpus = corpus
+        self.path = path
+        self.text_field = text_field
+        self.split_lines = split_lines
+        self.tokenizer_spec = tokenizer
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.sampling = sampling
+        self.stride = stride or block_size
+        self.train_fraction = train_fraction
+        self.samples_per_epoch = samples_per_epoch
+        self.data_dir = data_dir
+        self.seed = seed
+        self.normalize = normalize
+        self.encoding_errors = encoding_errors
+        self.num_workers = num_workers
+        self.tokenizer: Tokenizer | None = None
+        self.train_stream: torch.Tensor | None = None
+        self.val_stream: torch.Tensor | None = None
+        self.val_tokens_per_char = 1.0
+
+    # -- corpus -------------------------------------------------------------------------------
+    def corpus_path(self) -> Path:
+        if self.path is not None:
+            return Path(self.path).expanduser()
+        return locate_builtin(self.corpus, self.data_dir)
+
+    def prepare_data(self) -> None:
+        self.corpus_path()  # downloads a built-in corpus once, on one process
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_stream is not None:
+            return
+        path = self.corpus_path()
+        text_field = self.text_field
+        if text_field is None and self.path is None:
+            from lmlab.data.corpus import BUILTIN_CORPORA
+
+            text_field = BUILTIN_CORPORA[self.corpus].text_field
+        documents = read_documents(path, text_field, self.split_lines, self.encoding_errors)
+        if self.normalize:
+            documents = [unicodedata.normalize(self.normalize, d) for d in documents]
+        tokenizer = self._build_tokenizer(documents)
+        ids = self._encode(tokenizer, documents)
+        split = int(len(ids) * self.train_fraction)
+        self.tokenizer = tokenizer
+        self.train_stream = torch.from_numpy(ids[:split])
+        self.val_stream = torch.from_numpy(ids[split:])
+        val_chars = len(tokenizer.decode(ids[split:]))
+        self.val_tokens_per_char = len(self.val_stream) / max(val_chars, 1)
+        # Fail now, with a clear message, rather than inside the first batch.
+        self._train_dataset()
+        self._val_dataset()
+
+    def _build_tokenizer(self, documents: list[str]) -> Tokenizer:
+        if self.tokenizer_spec == "char":
+            return CharTokenizer.fit(CharTokenizer.boundary.join(documents))
+        return build_tokenizer(self.tokenizer_spec)
+
+    @staticmethod
+    def _encode(tokenizer: Tokenizer, documents: list[str]) -> np.ndarray:
+        if isinstance(tokenizer, TiktokenTokenizer):
+            return tokenizer.encode_documents(documents)
+        return tokenizer.encode(tokenizer.boundary.join(documents))
+
+    # -- what the model needs to know -----------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        if self.tokenizer is None:
+            raise RuntimeError("call setup() before asking for the vocabulary size")
+        return self.tokenizer.vocab_size
+
+    @property
+    def bpc_factor(self) -> float:
+        """val/bpc = val/loss * bpc_factor: nats -> bits, tokens -> characters."""
+        return self.val_tokens_per_char / math.log(2)
+
+    # -- datasets and loaders ---------------------------------------------------------------------
+    def _train_dataset(self):
+        if self.sampling == "random":
+            num_batches = max(1, self.samples_per_epoch // self.batch_size)
+            return RandomBlockBatches(
+                self.train_stream, self.block_size, self.batch_size, num_batches, self.seed
+            )
+        return SlidingWindows(self.train_stream, self.block_size, self.stride)
+
+    def _val_dataset(self):
+        # The whole validation split in non-overlapping windows: the same, exact estimate at
+        # every evaluation (a random-block estimate has the same expectation, more noise).
+        return SlidingWindows(self.val_stream, self.block_size, self.block_size, "validation")
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self._train_dataset()
+        if isinstance(dataset, RandomBlockBatches):  # items are whole batches already
+            return DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=len(dataset) >= self.batch_size,
+            generator=generator,
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self._val_dataset(), batch_size=self.batch_size, shuffle=False)

@@ -1,0 +1,85 @@
+"""One LightningModule for every model of the ladder."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from lmlab.models import build_model
+from lmlab.optim import build_adamw, lr_multiplier
+
+IGNORE_INDEX = -1  # targets that are padding (per-document examples) carry this id
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    B, T, V = logits.shape
+    return F.cross_entropy(logits.view(B * T, V), targets.view(B * T), ignore_index=IGNORE_INDEX)
+
+
+class LanguageModel(L.LightningModule):
+    """Wraps a plain `nn.Module` LM; everything needed to rebuild it is in `hparams`."""
+
+    def __init__(
+        self,
+        model_name: str,
+        model_hparams: dict[str, Any],
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any] | None = None,
+        tokenizer_state: dict[str, Any] | None = None,
+        bpc_factor: float = 1.0 / math.log(2),
+        compile: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_model(model_name, **model_hparams)
+        if compile:
+            self.model.compile()  # in place: state_dict keys stay those of the plain model
+        self.val_loss = MeanMetric()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, y = batch
+        loss = lm_loss(self(x), y)
+        self.log("train/loss", loss, on_step=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        loss = lm_loss(self(x), y)
+        self.val_loss.update(loss, weight=(y != IGNORE_INDEX).sum())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()  # reduced across processes under DDP
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/bpc", loss * self.hparams.bpc_factor)
+        self.log("val/ppl", torch.exp(loss))
+
+    def configure_optimizers(self):
+        opt_cfg = dict(self.hparams.optimizer)
+        fused = self.device.type == "cuda"  # one kernel per step instead of one per tensor
+        optimizer = build_adamw(self.model, fused=fused, **opt_cfg)
+        sched = dict(self.hparams.scheduler or {})
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        multiplier = lr_multiplier(
+            decay=sched.get("decay", "constant"),
+            warmup_steps=int(sched.get("warmup_steps", 0)),
+            decay_steps=int(sched.get("decay_steps") or max(max_steps, 1)),
+            lr=float(opt_cfg["lr"]),
+            min_lr=float(sched.get("min_lr", opt_cfg["lr"])),
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
+        }
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())

@@ -1,0 +1,30 @@
+"""The model ladder. Every model maps `idx (B, T) long -> logits (B, T, V)` and has a
+`block_size`, so one LightningModule and one `generate()` serve them all."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from lmlab.errors import LmlabError
+from lmlab.models.bigram import BigramConfig, BigramLM
+
+MODELS: dict[str, tuple[type, type[nn.Module]]] = {
+    "bigram": (BigramConfig, BigramLM),
+}
+
+
+def build_model(name: str, **hparams: Any) -> nn.Module:
+    """Build a model from its registry name and hyperparameters (unknown keys are an error)."""
+    if name not in MODELS:
+        raise LmlabError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    config_cls, model_cls = MODELS[name]
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(hparams) - fields)
+    if unknown:
+        raise LmlabError(
+            f"model {name!r} has no hyperparameter(s) {unknown}; it takes {sorted(fields)}"
+        )
+    return model_cls(config_cls(**hparams))

@@ -1,0 +1,105 @@
+"""`lmlab-train`: compose the config, build data, model and Trainer, train, summarise."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from lmlab.errors import LmlabError
+from lmlab.lit_module import LanguageModel
+
+log = logging.getLogger("lmlab")
+
+# Keys of a `model` config that configure training rather than the network itself.
+TRAINING_KEYS = ("name", "compile", "optimizer", "scheduler")
+
+
+def build_lit_module(model_cfg: DictConfig, datamodule: Any) -> LanguageModel:
+    """The vocabulary size and tokenizer come from the data, never from a hand-typed config."""
+    cfg = OmegaConf.to_container(model_cfg, resolve=True)
+    hparams = {k: v for k, v in cfg.items() if k not in TRAINING_KEYS}
+    hparams["vocab_size"] = datamodule.vocab_size
+    return LanguageModel(
+        model_name=cfg["name"],
+        model_hparams=hparams,
+        optimizer=cfg.get("optimizer", {"lr": 1e-3}),
+        scheduler=cfg.get("scheduler"),
+        tokenizer_state=datamodule.tokenizer.state(),
+        bpc_factor=datamodule.bpc_factor,
+        compile=bool(cfg.get("compile", False)),
+    )
+
+
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
+    if not group:
+        return []
+    return [hydra.utils.instantiate(node) for node in group.values() if node is not None]
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job; return its summary (also written to `metrics.json`)."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module = build_lit_module(cfg.model, datamodule)
+    log.info(
+        "corpus: %d train / %d val tokens, vocab %d; model %s: %.2fM parameters",
+        len(datamodule.train_stream),
+        len(datamodule.val_stream),
+        datamodule.vocab_size,
+        cfg.model.name,
+        module.num_parameters() / 1e6,
+    )
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    summary_cb = next(c for c in callbacks if c.__class__.__name__ == "RunSummary") if callbacks else None
+    if summary_cb is not None and summary_cb.last.get("step") != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # the final estimate
+    return summary_cb.__dict__ if summary_cb else {}
+
+
+def _report_user_error(err: BaseException) -> LmlabError | None:
+    """Find our own error inside Hydra's InstantiationException wrapping, if it is one."""
+    while err is not None:
+        if isinstance(err, LmlabError):
+            return err
+        err = err.__cause__
+    return None
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        summary = train(cfg)
+    except Exception as err:
+        user_error = _report_user_error(err)
+        if user_error is None:
+            raise
+        print(f"lmlab-train: error: {user_error}", file=sys.stderr)
+        sys.exit(1)
+    output_dir = Path(cfg.paths.output_dir)
+    last = summary.get("last", {})
+    print(f"run directory: {output_dir}")
+    if last:
+        print(f"final val/loss {last['val/loss']:.4f}, val/bpc {last['val/bpc']:.4f} (step {last['step']})")
+    return last.get("val/loss")
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
