@@ -1,7 +1,20 @@
-"""One `generate()` for every model: temperature, top-k, top-p, multinomial sampling."""
+"""One `generate()` for every model: temperature, top-k, top-p, multinomial sampling, and a
+key/value cache for the models that have one (`model.init_cache()`).
+
+The context window. A model sees at most `block_size` tokens. While the sequence fits, each
+step sees all of it. Once it outgrows the window, the window jumps forward to keep the last
+`shifted_context(block_size)` (3/4 of block_size) tokens and grows again from there, the
+"context shift" of llama.cpp. A plain sliding window would change every token's position at
+every step, so a cache of learned-position keys could never be reused past block_size; the
+jump lets the cache be refilled once per block_size/4 tokens instead. Both paths (cache or
+not) follow the same rule, so they compute the same logits and greedy decoding agrees.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,6 +36,18 @@ def filter_logits(
     return logits
 
 
+def shifted_context(block_size: int) -> int:
+    """Tokens kept when the window jumps: 3/4 of the block, and at least one."""
+    return max(1, block_size - max(1, block_size // 4))
+
+
+def _window_start(start: int, length: int, block_size: int) -> int:
+    """Where the context of a sequence of `length` tokens begins, given the previous start."""
+    if length - start <= block_size:
+        return start
+    return length - shifted_context(block_size)
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -32,23 +57,80 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    use_cache: bool = True,
 ) -> torch.Tensor:
-    """Extend `idx (B, T)` by `max_new_tokens` tokens; temperature 0 means greedy."""
+    """Extend `idx (B, T)` by `max_new_tokens` tokens; temperature 0 means greedy.
+
+    With `use_cache` and a model that has `init_cache()`, the prompt is fed once and then one
+    token per step; the cache is refilled only when the window jumps (see the module doc)."""
     was_training = model.training
     model.eval()
     block_size = model.block_size
+    cache = model.init_cache() if use_cache and hasattr(model, "init_cache") else None
+    start = max(0, idx.size(1) - block_size)  # the prompt is cropped to one block
+    cached_upto = start  # idx[:, start:cached_upto] is in the cache
     for _ in range(max_new_tokens):
-        context = idx[:, -block_size:]
-        logits = model(context)[:, -1, :]  # (B, V)
-        next_id = _pick(logits, temperature, top_k, top_p, generator)
+        new_start = _window_start(start, idx.size(1), block_size)
+        if cache is None:
+            logits = model(idx[:, new_start:])[:, -1, :]  # (B, V)
+        else:
+            if new_start != start:  # positions changed: the cached keys are stale
+                cache.reset()
+                cached_upto = new_start
+            logits = model(idx[:, cached_upto:], kv_cache=cache)[:, -1, :]  # (B, V)
+            cached_upto = idx.size(1)
+        start = new_start
+        next_id = _pick(logits, temperature, top_k, top_p, generator)  # (B, 1)
         idx = torch.cat([idx, next_id], dim=1)
     model.train(was_training)
     return idx
 
 
-def _pick(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
+def _pick(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def sample_text(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str = "",
+    max_new_tokens: int = 200,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    device: str | torch.device | None = None,
+) -> list[str]:
+    """`num_samples` texts, each the prompt and its continuation, generated in one batch.
+
+    An empty prompt starts from the boundary token (the start of a document), which is not
+    part of the returned text. The same seed gives the same texts."""
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    if prompt:
+        ids = tokenizer.encode(prompt)  # raises LmlabError on characters outside the vocabulary
+        skip = 0
+    else:
+        ids = np.array([tokenizer.boundary_id], dtype=np.int64)
+        skip = 1
+    idx = torch.as_tensor(ids, dtype=torch.long, device=device)  # (T,)
+    idx = idx.unsqueeze(0).repeat(num_samples, 1)  # (N, T)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    out = generate(
+        model, idx, max_new_tokens, temperature, top_k, top_p, generator=generator
+    )  # (N, T + max_new_tokens)
+    return [tokenizer.decode(row[skip:].tolist()) for row in out.cpu()]

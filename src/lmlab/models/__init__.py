@@ -10,18 +10,39 @@ from torch import nn
 
 from lmlab.errors import LmlabError
 from lmlab.models.bigram import BigramConfig, BigramLM
+from lmlab.models.gpt import GPT, GPTConfig, KVCache
+from lmlab.models.mlp import MLP, MLPConfig
 
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "bigram": (BigramConfig, BigramLM),
+    "mlp": (MLPConfig, MLP),
+    "gpt": (GPTConfig, GPT),
 }
+
+__all__ = [
+    "GPT",
+    "MLP",
+    "MODELS",
+    "BigramConfig",
+    "BigramLM",
+    "GPTConfig",
+    "KVCache",
+    "MLPConfig",
+    "build_model",
+    "hyperparameter_names",
+]
+
+
+def hyperparameter_names(name: str) -> set[str]:
+    if name not in MODELS:
+        raise LmlabError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return {f.name for f in dataclasses.fields(MODELS[name][0])}
 
 
 def build_model(name: str, **hparams: Any) -> nn.Module:
     """Build a model from its registry name and hyperparameters (unknown keys are an error)."""
-    if name not in MODELS:
-        raise LmlabError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    fields = hyperparameter_names(name)
     config_cls, model_cls = MODELS[name]
-    fields = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(hparams) - fields)
     if unknown:
         raise LmlabError(

@@ -14,10 +14,23 @@ from lmlab.errors import LmlabError
 class BigramConfig:
     vocab_size: int
     block_size: int = 8  # the model needs only one token; this crops generation contexts
+    # A full table for GPT-2's 50,257 tokens would hold 2.5 billion numbers (10 GB, and 30 GB
+    # with AdamW's state). Above `max_full_vocab` the table is factorised as (V, rank) x (rank, V).
+    rank: int | None = None
+    max_full_vocab: int = 8192
 
     def __post_init__(self) -> None:
         if self.vocab_size < 1:
             raise LmlabError(f"model.vocab_size must be positive, got {self.vocab_size}")
+        if self.rank is not None and self.rank < 1:
+            raise LmlabError(f"model.rank must be positive or null, got {self.rank}")
+
+    @property
+    def effective_rank(self) -> int | None:
+        """None for the full table."""
+        if self.rank is not None:
+            return self.rank
+        return None if self.vocab_size <= self.max_full_vocab else 256
 
 
 class BigramLM(nn.Module):
@@ -25,7 +38,14 @@ class BigramLM(nn.Module):
         super().__init__()
         self.config = config
         self.block_size = config.block_size
-        self.token_embedding_table = nn.Embedding(config.vocab_size, config.vocab_size)
+        rank = config.effective_rank
+        if rank is None:
+            self.token_embedding_table = nn.Embedding(config.vocab_size, config.vocab_size)
+            self.head = None
+        else:
+            self.token_embedding_table = nn.Embedding(config.vocab_size, rank)
+            self.head = nn.Linear(rank, config.vocab_size, bias=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.token_embedding_table(idx)  # (B, T) -> (B, T, V)
+        logits = self.token_embedding_table(idx)  # (B, T) -> (B, T, V), or (B, T, rank)
+        return logits if self.head is None else self.head(logits)
