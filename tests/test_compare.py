@@ -1,0 +1,274 @@
+"""`lmlab-compare`: discovery, ranking, seed grouping, failed runs, CSV/Markdown/plot output."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lmlab.compare import build_table, collect_runs, main, read_scalars
+
+
+def make_run(
+    run_dir: Path,
+    overrides: list[str] | None = None,
+    *,
+    loss: float | None = None,
+    bpc: float | None = None,
+    status: str = "completed",
+    curve: list[tuple[int, float]] | None = None,
+    config: dict[str, Any] | None = None,
+    samples: str | None = None,
+    **extra: Any,
+) -> Path:
+    """A run directory as `lmlab-train` leaves it, with only the files under test."""
+    run_dir.mkdir(parents=True)
+    metrics: dict[str, Any] = {
+        "status": status,
+        "val/loss": loss,
+        "val/bpc": bpc,
+        "best": {"step": 20, "val/loss": loss, "val/bpc": bpc} if loss is not None else {},
+        "num_params": 4225,
+        "steps": 20,
+        "tokens_per_sec": 1000.0,
+        "wall_time_sec": 2.0,
+        **extra,
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    hydra = run_dir / ".hydra"
+    hydra.mkdir()
+    if overrides is not None:
+        (hydra / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if config is not None:
+        (hydra / "config.yaml").write_text(yaml.safe_dump(config))
+    if curve:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(run_dir))
+        for step, value in curve:
+            writer.add_scalar("val/loss", value, step)
+            writer.add_scalar("train/loss", value + 0.1, step)
+        writer.close()
+    if samples is not None:
+        (run_dir / "samples.txt").write_text(samples)
+    return run_dir
+
+
+def test_ranks_by_val_bpc_by_default_and_by_metric_on_request(tmp_path: Path) -> None:
+    # The BPE run has the highest loss per token but the lowest bits per character.
+    make_run(tmp_path / "char_small", ["data.block_size=8"], loss=1.5, bpc=2.2)
+    make_run(tmp_path / "char_big", ["data.block_size=64"], loss=1.2, bpc=1.7)
+    make_run(tmp_path / "bpe", ["data.block_size=16"], loss=4.0, bpc=1.4)
+    runs = collect_runs([tmp_path])
+
+    by_bpc = build_table(runs)
+    assert [r["run"] for r in by_bpc] == ["bpe", "char_big", "char_small"]
+    assert [r["rank"] for r in by_bpc] == [1, 2, 3]
+    by_loss = build_table(runs, metric="val/loss")
+    assert [r["run"] for r in by_loss] == ["char_big", "char_small", "bpe"]
+
+
+def test_higher_is_better_reverses_the_ranking(tmp_path: Path) -> None:
+    make_run(tmp_path / "slow", ["model=gpt"], loss=1.0, bpc=1.0, tokens_per_sec=10.0)
+    make_run(tmp_path / "fast", ["model=bigram"], loss=2.0, bpc=2.0, tokens_per_sec=90.0)
+    rows = build_table(collect_runs([tmp_path]), "tokens_per_sec", higher_is_better=True)
+    assert [r["run"] for r in rows] == ["fast", "slow"]
+
+
+def test_unknown_metric_is_an_error_listing_the_known_ones(tmp_path: Path) -> None:
+    make_run(tmp_path / "a", [], loss=1.0, bpc=1.4)
+    with pytest.raises(ValueError, match="no run has the metric 'val/acc'.*val/bpc"):
+        build_table(collect_runs([tmp_path]), metric="val/acc")
+
+
+def test_only_differing_overrides_become_columns(tmp_path: Path) -> None:
+    common = ["model=gpt", "debug=limit"]
+    make_run(tmp_path / "sweep" / "0", [*common, "data.block_size=8"], loss=1.0, bpc=1.4)
+    make_run(tmp_path / "sweep" / "1", [*common, "data.block_size=16"], loss=0.9, bpc=1.3)
+    rows = build_table(collect_runs([tmp_path / "sweep"]))
+    assert {r["data.block_size"] for r in rows} == {"8", "16"}
+    assert "model" not in rows[0] and "debug" not in rows[0]
+    assert [r["run"] for r in rows] == ["1", "0"]  # names relative to the compared folder
+
+
+def test_an_override_missing_from_one_run_is_compared_with_its_config_value(
+    tmp_path: Path,
+) -> None:
+    # `lr=1e-3` spelled on the command line equals the default `lr: 0.001` of the other run.
+    config = {"model": {"optimizer": {"lr": 0.001}}, "seed": 1}
+    make_run(tmp_path / "a", ["model.optimizer.lr=1e-3"], loss=1.0, bpc=1.4, config=config)
+    make_run(tmp_path / "b", [], loss=1.1, bpc=1.5, config=config)
+    make_run(tmp_path / "c", ["model.optimizer.lr=0.01"], loss=0.9, bpc=1.3, config=config)
+    rows = build_table(collect_runs([tmp_path]), group_seeds=False)
+    assert {r["run"]: r["model.optimizer.lr"] for r in rows} == {
+        "a": "0.001",
+        "b": "0.001",
+        "c": "0.01",
+    }
+
+
+def test_without_overrides_files_flattened_configs_are_compared(tmp_path: Path) -> None:
+    def config(layers: int, out: str) -> dict[str, Any]:
+        return {"model": {"n_layer": layers, "n_embd": 64}, "paths": {"output_dir": out}}
+
+    make_run(tmp_path / "a", None, loss=1.0, bpc=1.4, config=config(2, "a"))
+    make_run(tmp_path / "b", None, loss=0.9, bpc=1.3, config=config(4, "b"))
+    rows = build_table(collect_runs([tmp_path]))
+    assert [(r["run"], r["model.n_layer"]) for r in rows] == [("b", "4"), ("a", "2")]
+    assert "model.n_embd" not in rows[0]
+    assert "paths.output_dir" not in rows[0]  # differs for every run by design
+
+
+def test_runs_that_differ_only_by_seed_share_a_row_with_mean_std_and_n(tmp_path: Path) -> None:
+    losses = [1.0, 1.2, 1.4]
+    for seed, loss in enumerate(losses, start=1):
+        make_run(tmp_path / f"lr1_s{seed}", ["lr=0.1", f"seed={seed}"], loss=loss, bpc=loss)
+    make_run(tmp_path / "lr2_s1", ["lr=0.2", "seed=1"], loss=1.1, bpc=1.1)
+    runs = collect_runs([tmp_path])
+
+    rows = build_table(runs)
+    assert [r["lr"] for r in rows] == ["0.2", "0.1"]  # 1.1 beats the mean 1.2
+    group = rows[1]
+    assert group["n"] == 3
+    assert group["seed"] == "1,2,3"
+    assert group["val/loss"] == pytest.approx(statistics.fmean(losses))
+    assert group["val/loss_std"] == pytest.approx(statistics.stdev(losses))
+    assert rows[0]["n"] == 1 and rows[0]["val/loss_std"] is None
+
+    ungrouped = build_table(runs, group_seeds=False)
+    assert len(ungrouped) == 4
+    assert all(r["n"] == 1 for r in ungrouped)
+
+
+def test_failed_and_dead_runs_rank_last_with_their_error(tmp_path: Path) -> None:
+    make_run(tmp_path / "ok", ["lr=0.1"], loss=1.5, bpc=2.0)
+    long_error = "RuntimeError: CUDA out of memory. " + "x" * 200 + "\nsecond line"
+    # A failed run's best metric may look good; it still must not win.
+    make_run(tmp_path / "oom", ["lr=0.2"], loss=0.5, bpc=0.7, status="failed", error=long_error)
+    (tmp_path / "died" / ".hydra").mkdir(parents=True)  # no metrics.json at all
+    rows = build_table(collect_runs([tmp_path]))
+
+    assert [r["run"] for r in rows] == ["ok", "died", "oom"]
+    assert [r["rank"] for r in rows] == [1, None, None]
+    failed = rows[2]
+    assert failed["status"] == "failed"
+    assert failed["error"].startswith("RuntimeError: CUDA out of memory.")
+    assert len(failed["error"]) <= 80 and "second line" not in failed["error"]
+    assert rows[1]["status"] == "unknown"
+    assert "no metrics.json" in rows[1]["error"]
+    assert rows[0]["error"] is None
+
+
+def test_failed_seeds_are_not_hidden_in_a_group(tmp_path: Path) -> None:
+    make_run(tmp_path / "s1", ["seed=1"], loss=1.0, bpc=1.0)
+    make_run(tmp_path / "s2", ["seed=2"], loss=1.2, bpc=1.2)
+    make_run(tmp_path / "s3", ["seed=3"], status="failed", error="ValueError: nan loss")
+    rows = build_table(collect_runs([tmp_path]))
+    assert [(r["run"], r["n"], r["status"]) for r in rows] == [
+        ("s1, s2", 2, "completed"),
+        ("s3", 1, "failed"),
+    ]
+
+
+def test_sweep_jobs_are_found_at_any_depth_in_numeric_order(tmp_path: Path) -> None:
+    for job in (10, 2, 1):
+        make_run(tmp_path / "multirun" / "day" / str(job), [f"seed={job}"], loss=1.0, bpc=1.0)
+    (tmp_path / "multirun" / "day" / "multirun.yaml").write_text("hydra: {}\n")
+    names = [r.name for r in collect_runs([tmp_path])]
+    assert names == ["multirun/day/1", "multirun/day/2", "multirun/day/10"]
+
+
+def test_one_run_directory_is_named_after_itself(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run1", [], loss=1.0, bpc=1.0)
+    assert [r.name for r in collect_runs([run])] == ["run1"]
+
+
+def test_csv_holds_one_line_per_row_with_raw_numbers(tmp_path: Path, capsys) -> None:
+    make_run(tmp_path / "runs" / "a", ["data.block_size=8"], loss=1.25, bpc=1.8)
+    make_run(tmp_path / "runs" / "b", ["data.block_size=16"], loss=1.0, bpc=1.5)
+    out = tmp_path / "out" / "table.csv"
+    assert main([str(tmp_path / "runs"), "--csv", str(out)]) == 0
+
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["rank"], r["run"], r["data.block_size"]) for r in rows] == [
+        ("1", "b", "16"),
+        ("2", "a", "8"),
+    ]
+    assert float(rows[1]["val/loss"]) == 1.25
+    assert rows[0]["status"] == "completed"
+    assert "error" not in rows[0]  # no run failed: no empty column
+    printed = capsys.readouterr().out
+    assert "data.block_size" in printed and printed.index("│ b ") < printed.index("│ a ")
+
+
+def test_markdown_has_the_table_the_plot_and_the_best_runs_samples(tmp_path: Path) -> None:
+    samples = "\n".join(f"sample line {i}" for i in range(30))
+    runs = tmp_path / "runs"
+    make_run(runs / "best", ["lr=0.1"], loss=1.0, bpc=1.4, samples=samples, curve=[(9, 1.5)])
+    make_run(runs / "worse", ["lr=0.2"], loss=2.0, bpc=2.8, samples="not me", curve=[(9, 2.5)])
+    report, plot = tmp_path / "report" / "report.md", tmp_path / "report" / "curves.png"
+    args = [str(runs), "--markdown", str(report), "--plot", str(plot)]
+    assert main(args) == 0
+
+    text = report.read_text()
+    assert "| rank | run | lr | params | val/loss | val/bpc |" in text
+    assert "| 1 | best | 0.1 | 4.22K | 1.0000 | 1.4000 |" in text
+    assert "![validation curves](curves.png)" in text
+    assert "sample line 29" in text and "sample line 5\n" not in text  # only the tail
+    assert "not me" not in text
+
+
+def test_plot_is_a_png_of_the_logged_curves(tmp_path: Path) -> None:
+    curve = [(9, 2.0), (19, 1.5), (29, 1.25)]
+    run = make_run(tmp_path / "runs" / "a", ["lr=0.1"], loss=1.25, bpc=1.8, curve=curve)
+    make_run(tmp_path / "runs" / "b", ["lr=0.2"], loss=1.5, bpc=2.1, curve=[(9, 2.1), (19, 1.5)])
+
+    points = read_scalars(run, ["val/loss", "train/loss", "val/bpc"])
+    assert points["val/loss"] == [(s, pytest.approx(v)) for s, v in curve]
+    assert [s for s, _ in points["train/loss"]] == [9, 19, 29]
+    assert "val/bpc" not in points  # never logged
+
+    plot = tmp_path / "curves.png"
+    assert main([str(tmp_path / "runs"), "--plot", str(plot)]) == 0
+    assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and plot.stat().st_size > 1000
+    assert not list(tmp_path.glob(".curves.png*"))  # no temporary file left behind
+
+
+def test_plot_without_event_files_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    make_run(tmp_path / "a", [], loss=1.0, bpc=1.4)
+    assert main([str(tmp_path), "--plot", str(tmp_path / "p.png")]) == 1
+    assert "no run has TensorBoard val/loss points" in capsys.readouterr().err
+
+
+def test_missing_dir_exits_1_with_a_message(tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "nope"
+    assert main([str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lmlab-compare: error: ")
+    assert f"{missing} does not exist" in err
+
+
+def test_a_dir_without_runs_says_what_a_run_dir_contains(tmp_path: Path, capsys) -> None:
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    assert main([str(tmp_path / "empty")]) == 1
+    err = capsys.readouterr().err
+    assert f"no runs found under {tmp_path / 'empty'}" in err
+    assert "metrics.json" in err and ".hydra" in err
+
+
+def test_the_command_line_exit_code_is_1_on_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lmlab.compare", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "lmlab-compare: error:" in result.stderr and "does not exist" in result.stderr
