@@ -1,4 +1,4 @@
-"""Callbacks: throughput, and the run summary `metrics.json`."""
+"""Callbacks: throughput, text samples, and the run summary `metrics.json`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from lmlab.files import atomic_write_json
+from lmlab.files import atomic_write_json, atomic_write_text
 
 
 class TokensPerSecond(L.Callback):
@@ -64,6 +64,7 @@ class RunSummary(L.Callback):
         self.last: dict[str, float] = {}
         self.extra: dict[str, Any] = {}
         self.status = "running"
+        self.summary: dict[str, Any] = {}
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -103,4 +104,66 @@ class RunSummary(L.Callback):
         }
         if error:
             summary["error"] = error
+        self.summary = summary
         atomic_write_json(self.path, summary)
+
+
+class SampleTextCallback(L.Callback):
+    """After every `every_n_validations`-th validation, generate a few samples from `prompt`
+    and write them to TensorBoard's text tab and to `samples.txt` in the run directory."""
+
+    def __init__(
+        self,
+        output_dir: str,
+        every_n_validations: int = 1,
+        prompt: str = "",
+        max_new_tokens: int = 200,
+        num_samples: int = 2,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 1337,
+    ) -> None:
+        self.path = Path(output_dir) / "samples.txt"
+        self.every_n_validations = max(1, every_n_validations)
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.num_samples = num_samples
+        self.temperature = temperature
+        self.top_k = top_k
+        self.top_p = top_p
+        self.seed = seed
+        self._validations = 0
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self._validations += 1
+        if self._validations % self.every_n_validations:
+            return
+        from lmlab.data.tokenizers import tokenizer_from_state
+        from lmlab.generation import sample_text
+
+        tokenizer = tokenizer_from_state(pl_module.hparams.tokenizer_state)
+        texts = sample_text(
+            pl_module.model,
+            tokenizer,
+            prompt=self.prompt,
+            max_new_tokens=self.max_new_tokens,
+            num_samples=self.num_samples,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            seed=self.seed,
+            device=pl_module.device,
+        )
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            if hasattr(logger.experiment, "add_text"):
+                # two trailing spaces: TensorBoard renders markdown, keep the line breaks
+                body = "\n\n---\n\n".join(t.replace("\n", "  \n") for t in texts)
+                logger.experiment.add_text("samples", body, global_step=step)
+        block = "".join(f"=== step {step}, sample {i + 1} ===\n{t}\n" for i, t in enumerate(texts))
+        previous = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+        atomic_write_text(self.path, previous + block)

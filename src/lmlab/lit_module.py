@@ -48,6 +48,8 @@ class LanguageModel(L.LightningModule):
         x, y = batch
         loss = lm_loss(self(x), y)
         self.log("train/loss", loss, on_step=True, prog_bar=True)
+        # one tag for the rate (LearningRateMonitor would log one per parameter group)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -78,7 +80,7 @@ class LanguageModel(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
     def num_parameters(self) -> int:

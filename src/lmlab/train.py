@@ -11,8 +11,10 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from lmlab.callbacks import RunSummary
 from lmlab.errors import LmlabError
 from lmlab.lit_module import LanguageModel
+from lmlab.models import hyperparameter_names
 
 log = logging.getLogger("lmlab")
 
@@ -25,6 +27,8 @@ def build_lit_module(model_cfg: DictConfig, datamodule: Any) -> LanguageModel:
     cfg = OmegaConf.to_container(model_cfg, resolve=True)
     hparams = {k: v for k, v in cfg.items() if k not in TRAINING_KEYS}
     hparams["vocab_size"] = datamodule.vocab_size
+    if "boundary_id" in hyperparameter_names(cfg["name"]):  # what the MLP sees before a window
+        hparams["boundary_id"] = datamodule.boundary_id
     return LanguageModel(
         model_name=cfg["name"],
         model_hparams=hparams,
@@ -64,10 +68,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    summary_cb = next(c for c in callbacks if c.__class__.__name__ == "RunSummary") if callbacks else None
-    if summary_cb is not None and summary_cb.last.get("step") != trainer.global_step:
+    summary = next((c for c in callbacks if isinstance(c, RunSummary)), None)
+    if summary is None:
+        return {}
+    if summary.last.get("step") != trainer.global_step and not trainer.fast_dev_run:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the final estimate
-    return summary_cb.__dict__ if summary_cb else {}
+    return summary.summary
 
 
 def _report_user_error(err: BaseException) -> LmlabError | None:
@@ -93,7 +99,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     last = summary.get("last", {})
     print(f"run directory: {output_dir}")
     if last:
-        print(f"final val/loss {last['val/loss']:.4f}, val/bpc {last['val/bpc']:.4f} (step {last['step']})")
+        loss, bpc, step = last["val/loss"], last["val/bpc"], last["step"]
+        print(f"final val/loss {loss:.4f}, val/bpc {bpc:.4f} (step {step})")
     return last.get("val/loss")
 
 

@@ -117,8 +117,9 @@ def read_documents(
     try:
         text = path.read_text(encoding="utf-8", errors=encoding_errors)
     except UnicodeDecodeError as err:
+        bad = err.object[err.start : err.start + 4]
         raise LmlabError(
-            f"{path} is not valid UTF-8 (byte {err.start}: {err.object[err.start:err.start + 4]!r}); "
+            f"{path} is not valid UTF-8 (byte {err.start}: {bad!r}); "
             "convert it to UTF-8, or set data.encoding_errors=replace to replace bad bytes"
         ) from err
     if text_field is None:

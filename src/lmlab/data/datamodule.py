@@ -12,11 +12,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from lmlab.data.corpus import locate_builtin, read_documents
-from lmlab.data.datasets import RandomBlockBatches, SlidingWindows
-from lmlab.data.tokenizers import CharTokenizer, Tokenizer, TiktokenTokenizer, build_tokenizer
+from lmlab.data.datasets import DocumentWindows, RandomBlockBatches, SlidingWindows
+from lmlab.data.tokenizers import CharTokenizer, TiktokenTokenizer, Tokenizer, build_tokenizer
 from lmlab.errors import LmlabError
 
-SAMPLINGS = ("random", "sliding")
+SAMPLINGS = ("random", "sliding", "documents")
 
 
 class TextDataModule(L.LightningDataModule):
@@ -33,6 +33,7 @@ class TextDataModule(L.LightningDataModule):
         stride: int | None = None,
         train_fraction: float = 0.9,
         samples_per_epoch: int = 32_000,
+        split_seed: int = 42,
         data_dir: str = "data",
         seed: int = 1337,
         normalize: str | None = "NFC",
@@ -61,6 +62,7 @@ class TextDataModule(L.LightningDataModule):
         self.stride = stride or block_size
         self.train_fraction = train_fraction
         self.samples_per_epoch = samples_per_epoch
+        self.split_seed = split_seed
         self.data_dir = data_dir
         self.seed = seed
         self.normalize = normalize
@@ -69,6 +71,8 @@ class TextDataModule(L.LightningDataModule):
         self.tokenizer: Tokenizer | None = None
         self.train_stream: torch.Tensor | None = None
         self.val_stream: torch.Tensor | None = None
+        self.train_documents: list[torch.Tensor] = []
+        self.val_documents: list[torch.Tensor] = []
         self.val_tokens_per_char = 1.0
 
     # -- corpus -------------------------------------------------------------------------------
@@ -93,16 +97,37 @@ class TextDataModule(L.LightningDataModule):
         if self.normalize:
             documents = [unicodedata.normalize(self.normalize, d) for d in documents]
         tokenizer = self._build_tokenizer(documents)
+        if self.sampling == "documents":
+            # Split whole documents, after a shuffle with a seed of its own, so that every
+            # training seed of a sweep is scored on the same validation documents.
+            order = np.random.default_rng(self.split_seed).permutation(len(documents))
+            documents = [documents[i] for i in order]
         ids = self._encode(tokenizer, documents)
         split = int(len(ids) * self.train_fraction)
+        if self.sampling == "documents":
+            self._split_documents(ids, tokenizer.boundary_id, len(documents))
+            split = sum(len(d) + 1 for d in self.train_documents)
         self.tokenizer = tokenizer
         self.train_stream = torch.from_numpy(ids[:split])
         self.val_stream = torch.from_numpy(ids[split:])
         val_chars = len(tokenizer.decode(ids[split:]))
         self.val_tokens_per_char = len(self.val_stream) / max(val_chars, 1)
-        # Fail now, with a clear message, rather than inside the first batch.
-        self._train_dataset()
-        self._val_dataset()
+        # Built here, once: a corpus too short for one block fails now, with its message.
+        self.train_dataset = self._train_dataset()
+        self.val_dataset = self._val_dataset()
+
+    def _split_documents(self, ids: np.ndarray, boundary_id: int, num_documents: int) -> None:
+        """Cut the joined stream back into documents and give the first 90% to training."""
+        cuts = np.flatnonzero(ids == boundary_id)
+        pieces = [torch.from_numpy(p) for p in np.split(ids, cuts)]
+        pieces = [pieces[0]] + [p[1:] for p in pieces[1:]]  # drop the boundary itself
+        n_train = int(num_documents * self.train_fraction)
+        if n_train == 0 or n_train == len(pieces):
+            raise LmlabError(
+                f"{num_documents} document(s) cannot be split {self.train_fraction:.0%} / "
+                f"{1 - self.train_fraction:.0%}; use a corpus with more documents"
+            )
+        self.train_documents, self.val_documents = pieces[:n_train], pieces[n_train:]
 
     def _build_tokenizer(self, documents: list[str]) -> Tokenizer:
         if self.tokenizer_spec == "char":
@@ -123,12 +148,18 @@ class TextDataModule(L.LightningDataModule):
         return self.tokenizer.vocab_size
 
     @property
+    def boundary_id(self) -> int:
+        return self.tokenizer.boundary_id
+
+    @property
     def bpc_factor(self) -> float:
         """val/bpc = val/loss * bpc_factor: nats -> bits, tokens -> characters."""
         return self.val_tokens_per_char / math.log(2)
 
     # -- datasets and loaders ---------------------------------------------------------------------
     def _train_dataset(self):
+        if self.sampling == "documents":
+            return DocumentWindows(self.train_documents, self.block_size, self.boundary_id)
         if self.sampling == "random":
             num_batches = max(1, self.samples_per_epoch // self.batch_size)
             return RandomBlockBatches(
@@ -137,12 +168,14 @@ class TextDataModule(L.LightningDataModule):
         return SlidingWindows(self.train_stream, self.block_size, self.stride)
 
     def _val_dataset(self):
+        if self.sampling == "documents":
+            return DocumentWindows(self.val_documents, self.block_size, self.boundary_id)
         # The whole validation split in non-overlapping windows: the same, exact estimate at
         # every evaluation (a random-block estimate has the same expectation, more noise).
         return SlidingWindows(self.val_stream, self.block_size, self.block_size, "validation")
 
     def train_dataloader(self) -> DataLoader:
-        dataset = self._train_dataset()
+        dataset = self.train_dataset
         if isinstance(dataset, RandomBlockBatches):  # items are whole batches already
             return DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
         generator = torch.Generator().manual_seed(self.seed)
@@ -156,4 +189,4 @@ class TextDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self._val_dataset(), batch_size=self.batch_size, shuffle=False)
+        return DataLoader(self.val_dataset, batch_size=self.batch_size, shuffle=False)

@@ -67,3 +67,43 @@ class SlidingWindows(Dataset):
             raise IndexError(index)
         chunk = self.stream[index * self.stride + self._window].long()
         return chunk[:-1], chunk[1:]
+
+
+class DocumentWindows(Dataset):
+    """One example per document (makemore's names): windows never cross documents.
+
+    A document `c1..cn` becomes `x = [b, c1, .., cn]`, `y = [c1, .., cn, b]` with `b` the
+    boundary token, so the first character is predicted from the boundary alone, as in
+    makemore. Windows are padded on the right to `block_size`; padded targets are
+    `ignore_index` and do not count in the loss. A document longer than a window continues
+    in the next window.
+    """
+
+    def __init__(
+        self,
+        documents: list[torch.Tensor],
+        block_size: int,
+        boundary_id: int,
+        ignore_index: int = -1,
+    ):
+        xs, ys = [], []
+        for doc in documents:
+            seq = torch.cat([torch.tensor([boundary_id]), doc.long(), torch.tensor([boundary_id])])
+            for start in range(0, len(seq) - 1, block_size):
+                piece = seq[start : start + block_size + 1]
+                x = torch.full((block_size,), boundary_id, dtype=torch.long)
+                y = torch.full((block_size,), ignore_index, dtype=torch.long)
+                x[: len(piece) - 1] = piece[:-1]
+                y[: len(piece) - 1] = piece[1:]
+                xs.append(x)
+                ys.append(y)
+        if not xs:
+            raise LmlabError("no documents to make examples from; the corpus part is empty")
+        self.x = torch.stack(xs)  # (N, T)
+        self.y = torch.stack(ys)  # (N, T)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[index], self.y[index]

@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_TEXT, data_dir, needs_corpus, needs_tiktoken
+
+from lmlab.data import TextDataModule
+from lmlab.data.datasets import DocumentWindows, RandomBlockBatches, SlidingWindows
+from lmlab.errors import LmlabError
+
+
+def make_dm(path: Path, **kwargs) -> TextDataModule:
+    dm = TextDataModule(path=str(path), **kwargs)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_split_is_nine_to_one_by_position(tiny_corpus: Path):
+    dm = make_dm(tiny_corpus)
+    n = len(TINY_TEXT)
+    assert len(dm.train_stream) == int(n * 0.9)
+    assert len(dm.train_stream) + len(dm.val_stream) == n
+    assert dm.train_stream.dtype == torch.long
+    joined = torch.cat([dm.train_stream, dm.val_stream]).tolist()
+    assert dm.tokenizer.decode(joined) == TINY_TEXT
+    assert dm.vocab_size == len(set(TINY_TEXT))
+
+
+def test_train_fraction_is_configurable_and_checked(tiny_corpus: Path):
+    dm = make_dm(tiny_corpus, train_fraction=0.5)
+    assert len(dm.train_stream) == len(TINY_TEXT) // 2
+    with pytest.raises(LmlabError, match="train_fraction must be between 0 and 1"):
+        TextDataModule(path=str(tiny_corpus), train_fraction=1.0)
+
+
+def test_random_blocks_have_targets_shifted_by_one(tiny_corpus: Path):
+    dm = make_dm(tiny_corpus, block_size=16, batch_size=4)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == y.shape == (4, 16)
+    assert x.dtype == y.dtype == torch.long
+    stream = dm.train_stream.tolist()
+    for row_x, row_y in zip(x.tolist(), y.tolist(), strict=False):
+        assert row_y[:-1] == row_x[1:]
+        start = next(i for i in range(len(stream)) if stream[i : i + 16] == row_x)
+        assert stream[start + 1 : start + 17] == row_y
+
+
+def test_random_batches_are_a_function_of_seed_and_step():
+    stream = torch.arange(1000)
+    a = RandomBlockBatches(stream, 8, 4, num_batches=10, seed=1)
+    b = RandomBlockBatches(stream, 8, 4, num_batches=10, seed=1)
+    c = RandomBlockBatches(stream, 8, 4, num_batches=10, seed=2)
+    assert torch.equal(a[3][0], b[3][0])
+    assert not torch.equal(a[3][0], a[4][0])
+    assert not torch.equal(a[3][0], c[3][0])
+
+
+def test_random_blocks_reach_the_last_token():
+    stream = torch.arange(10)
+    batch = RandomBlockBatches(stream, block_size=9, batch_size=2, num_batches=1, seed=0)[0]
+    assert batch[1].max().item() == 9  # only one window fits, ending at the last token
+
+
+def test_sliding_windows_step_by_stride():
+    ds = SlidingWindows(torch.arange(20), block_size=4, stride=3)
+    assert len(ds) == 6  # starts 0, 3, .., 15; the window at 15 needs tokens up to 19
+    x, y = ds[2]
+    assert x.tolist() == [6, 7, 8, 9]
+    assert y.tolist() == [7, 8, 9, 10]
+
+
+def test_sliding_sampling_in_the_datamodule(tiny_corpus: Path):
+    dm = make_dm(tiny_corpus, sampling="sliding", block_size=8, stride=4, batch_size=2)
+    assert len(dm.train_dataset) == (len(dm.train_stream) - 9) // 4 + 1
+    x, y = next(iter(dm.train_dataloader()))
+    assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_validation_covers_the_split_in_order(tiny_corpus: Path):
+    dm = make_dm(tiny_corpus, block_size=8, batch_size=4)
+    x, y = next(iter(dm.val_dataloader()))
+    assert x[0].tolist() == dm.val_stream[:8].tolist()
+    assert x[1].tolist() == dm.val_stream[8:16].tolist()
+
+
+def test_corpus_shorter_than_one_block_is_refused(tmp_path: Path):
+    path = tmp_path / "short.txt"
+    path.write_text("just a few characters here")
+    with pytest.raises(
+        LmlabError, match="validation part of the corpus has 3 tokens, fewer than one"
+    ):
+        make_dm(path, block_size=8)
+
+
+def test_bpc_factor_for_characters_is_one_over_ln2(tiny_corpus: Path):
+    dm = make_dm(tiny_corpus)
+    assert dm.bpc_factor == pytest.approx(1 / math.log(2))
+
+
+def test_documents_never_share_a_window_and_padding_is_ignored():
+    ds = DocumentWindows([torch.tensor([5, 6]), torch.tensor([7])], block_size=4, boundary_id=0)
+    assert ds.x.tolist() == [[0, 5, 6, 0], [0, 7, 0, 0]]
+    assert ds.y.tolist() == [[5, 6, 0, -1], [7, 0, -1, -1]]
+
+
+def test_long_documents_continue_in_the_next_window():
+    ds = DocumentWindows([torch.tensor([1, 2, 3, 4, 5])], block_size=4, boundary_id=0)
+    assert ds.x.tolist() == [[0, 1, 2, 3], [4, 5, 0, 0]]
+    assert ds.y.tolist() == [[1, 2, 3, 4], [5, 0, -1, -1]]
+
+
+def test_documents_are_shuffled_with_a_fixed_seed_and_split_whole(tmp_path: Path):
+    path = tmp_path / "names.txt"
+    names = [f"name{chr(97 + i % 26)}{chr(97 + i // 26)}" for i in range(100)]
+    path.write_text("\n".join(names) + "\n")
+    kwargs = dict(split_lines=True, sampling="documents", block_size=8, batch_size=4)
+    dm = make_dm(path, seed=1, **kwargs)
+    again = make_dm(path, seed=2, **kwargs)  # a different training seed, the same split
+    decode = dm.tokenizer.decode
+    train = [decode(d) for d in dm.train_documents]
+    val = [decode(d) for d in dm.val_documents]
+    assert len(train) == 90 and len(val) == 10
+    assert sorted(train + val) == sorted(names)
+    assert train != names[:90]  # shuffled, not the file order
+    assert val == [again.tokenizer.decode(d) for d in again.val_documents]
+
+
+@needs_tiktoken()
+@needs_corpus("the-verdict.txt")
+def test_bpe_verdict_has_gpt2_vocab_and_fewer_tokens_than_characters():
+    dm = TextDataModule(corpus="verdict", tokenizer="gpt2", data_dir=str(data_dir()), block_size=32)
+    dm.setup("fit")
+    assert dm.vocab_size == 50257
+    assert 0.15 < dm.val_tokens_per_char < 0.4  # English BPE: about 4 characters per token
+    assert dm.bpc_factor == pytest.approx(dm.val_tokens_per_char / math.log(2))
+
+
+@needs_corpus("nsmc_ratings_train.txt")
+def test_korean_reviews_give_thousands_of_characters():
+    dm = TextDataModule(corpus="nsmc", text_field="document", data_dir=str(data_dir()))
+    dm.setup("fit")
+    assert 1000 < dm.vocab_size < 4000
+    assert "영" in dm.tokenizer.stoi
