@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,7 +163,3 @@ def _jsonl_field(text: str, field: str, path: Path) -> list[str]:
             )
         documents.append(str(record[field]))
     return documents
-
-
-def default_data_dir() -> Path:
-    return Path(os.environ.get("LMLAB_DATA_DIR", "data"))

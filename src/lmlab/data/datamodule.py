@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from lmlab.data.corpus import locate_builtin, read_documents
+from lmlab.data.corpus import BUILTIN_CORPORA, locate_builtin, read_documents
 from lmlab.data.datasets import DocumentWindows, RandomBlockBatches, SlidingWindows
 from lmlab.data.tokenizers import CharTokenizer, TiktokenTokenizer, Tokenizer, build_tokenizer
 from lmlab.errors import LmlabError
@@ -90,8 +90,6 @@ class TextDataModule(L.LightningDataModule):
         path = self.corpus_path()
         text_field = self.text_field
         if text_field is None and self.path is None:
-            from lmlab.data.corpus import BUILTIN_CORPORA
-
             text_field = BUILTIN_CORPORA[self.corpus].text_field
         documents = read_documents(path, text_field, self.split_lines, self.encoding_errors)
         if self.normalize:

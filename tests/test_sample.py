@@ -1,0 +1,123 @@
+"""lmlab-sample: text from a checkpoint alone, and refusal of bad checkpoints."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from lmlab.sample import sample
+from lmlab.train import train
+
+TINY_GPT = [
+    "model=gpt",
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=16",
+    "data.block_size=16",
+    "callbacks.sample_text.max_new_tokens=20",
+]
+
+
+@pytest.fixture(scope="module")
+def gpt_checkpoint(tmp_path_factory) -> Path:
+    from conftest import TINY_TEXT, compose_train
+
+    root = tmp_path_factory.mktemp("gpt_run")
+    corpus = root / "tiny.txt"
+    corpus.write_text(TINY_TEXT)
+    overrides = [
+        f"data.path={corpus}",
+        "trainer.max_steps=30",
+        "trainer.val_check_interval=30",
+        "trainer.enable_progress_bar=false",
+        *TINY_GPT,
+    ]
+    cfg = compose_train(overrides, root / "run")
+    train(cfg)
+    return root / "run" / "checkpoints" / "last.ckpt"
+
+
+def sample_cfg(*overrides: str):
+    with initialize_config_module(config_module="lmlab.conf", version_base="1.3"):
+        return compose(config_name="sample", overrides=list(overrides))
+
+
+def test_samples_start_with_the_prompt_and_have_the_requested_length(gpt_checkpoint: Path):
+    cfg = sample_cfg(
+        f"ckpt_path={gpt_checkpoint}", "prompt=First", "max_new_tokens=25", "num_samples=3"
+    )
+    texts = sample(cfg)
+    assert len(texts) == 3
+    assert all(t.startswith("First") and len(t) == len("First") + 25 for t in texts)
+
+
+def test_same_seed_same_text_and_top_k_1_is_greedy(gpt_checkpoint: Path):
+    base = [f"ckpt_path={gpt_checkpoint}", "prompt=All", "max_new_tokens=30"]
+    assert sample(sample_cfg(*base, "seed=1")) == sample(sample_cfg(*base, "seed=1"))
+    greedy = sample(sample_cfg(*base, "temperature=0"))
+    for seed in (1, 2):
+        assert sample(sample_cfg(*base, "top_k=1", f"seed={seed}")) == greedy
+
+
+def run_sample_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lmlab.sample", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+
+
+def test_cli_prints_samples(gpt_checkpoint: Path):
+    result = run_sample_cli(f"ckpt_path={gpt_checkpoint}", "prompt=Speak", "max_new_tokens=10")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Speak")
+
+
+def test_prompt_outside_the_vocabulary_is_named(gpt_checkpoint: Path):
+    result = run_sample_cli(f"ckpt_path={gpt_checkpoint}", "prompt=Zq")
+    assert result.returncode == 1
+    assert "2 character(s) outside the vocabulary: 'Z', 'q'" in result.stderr
+
+
+def test_missing_checkpoint_is_named(tmp_path: Path):
+    result = run_sample_cli(f"ckpt_path={tmp_path}/nope.ckpt")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"lmlab-sample: error: checkpoint not found: {tmp_path}/nope.ckpt; "
+        "give ckpt_path=<run dir>/checkpoints/last.ckpt"
+    )
+
+
+def test_truncated_checkpoint_is_refused(gpt_checkpoint: Path, tmp_path: Path):
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(gpt_checkpoint.read_bytes()[:1000])
+    result = run_sample_cli(f"ckpt_path={truncated}")
+    assert result.returncode == 1
+    assert "is not a readable checkpoint (truncated or another kind of file" in result.stderr
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = Path("/tmp/lmlab-pickle-ran-code")
+
+
+def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path: Path):
+    MARKER.unlink(missing_ok=True)
+    crafted = tmp_path / "evil.ckpt"
+    with open(crafted, "wb") as f:
+        pickle.dump({"state_dict": {}, "hyper_parameters": RunsCode()}, f)
+    result = run_sample_cli(f"ckpt_path={crafted}")
+    assert result.returncode == 1
+    assert "was refused" in result.stderr or "not a readable checkpoint" in result.stderr
+    assert not MARKER.exists()
