@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from lmlab.errors import LmlabError
 from lmlab.files import atomic_write_json, atomic_write_text
 
 
@@ -106,6 +108,53 @@ class RunSummary(L.Callback):
             summary["error"] = error
         self.summary = summary
         atomic_write_json(self.path, summary)
+
+
+@rank_zero_only
+def record_failure(output_dir: str | Path, error: str, started: float) -> None:
+    """Mark the run in `output_dir` as failed in its `metrics.json`. RunSummary records
+    failures inside `trainer.fit`; this covers the rest (a bad override fails before there is
+    a trainer). What this run already wrote is kept; a file left by an earlier run is not."""
+    path = Path(output_dir) / "metrics.json"
+    summary: dict[str, Any] = {}
+    # a second of slack: some file systems keep modification times to the second
+    if path.is_file() and path.stat().st_mtime >= started - 1.0:
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            summary = {}
+    summary.setdefault("val/loss", None)
+    summary.setdefault("val/bpc", None)
+    summary.setdefault("wall_time_sec", round(time.time() - started, 3))
+    summary.update(status="failed", error=error)
+    atomic_write_json(path, summary)
+
+
+class FiniteLossCheck(L.Callback):
+    """Fails the run as soon as the loss is NaN or infinite: a diverged run would otherwise
+    spend its whole budget producing NaNs and finish as "completed". The training loss is
+    checked every `log_every_n_steps` steps (a check is a device sync), the validation loss
+    at every validation."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % max(trainer.log_every_n_steps, 1):
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss).item():
+            self._fail("train/loss", float(loss), trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        loss = trainer.callback_metrics.get("val/loss")
+        if loss is not None and not torch.isfinite(loss).item():
+            self._fail("val/loss", float(loss), trainer, pl_module)
+
+    @staticmethod
+    def _fail(tag: str, value: float, trainer, pl_module) -> None:
+        lr = (pl_module.hparams.get("optimizer") or {}).get("lr")
+        raise LmlabError(
+            f"training diverged: {tag} is {value} at step {trainer.global_step}; lower "
+            f"model.optimizer.lr (now {lr}) or set trainer.gradient_clip_val=1.0"
+        )
 
 
 class SampleTextCallback(L.Callback):

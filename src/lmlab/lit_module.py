@@ -83,5 +83,17 @@ class LanguageModel(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
+    def set_learning_rate(self, lr: float) -> None:
+        """Train at `lr` (read by configure_optimizers, saved in checkpoints); the schedule's
+        floor min_lr moves with it, keeping the configured lr / min_lr ratio."""
+        optimizer = dict(self.hparams.optimizer)
+        old = float(optimizer["lr"])
+        optimizer["lr"] = lr
+        self.hparams.optimizer = optimizer
+        sched = dict(self.hparams.scheduler or {})
+        if "min_lr" in sched and old > 0:
+            sched["min_lr"] = float(sched["min_lr"]) * lr / old
+            self.hparams.scheduler = sched
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +13,18 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.callbacks import RunSummary
+from lmlab.callbacks import RunSummary, record_failure
 from lmlab.errors import LmlabError
+from lmlab.hparams import hparam_metrics, log_final_hparams, run_hparams
 from lmlab.lit_module import LanguageModel
 from lmlab.models import hyperparameter_names
+from lmlab.sweeps import is_multirun, last_sweep_report, register_resolvers
 
 log = logging.getLogger("lmlab")
+
+# At import, not in main(): joblib and submitit workers import this module (to unpickle the
+# task function) and resolve the sweep job's directory name there.
+register_resolvers()
 
 # Keys of a `model` config that configure training rather than the network itself.
 TRAINING_KEYS = ("name", "compile", "optimizer", "scheduler")
@@ -64,16 +72,37 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    hparams = run_hparams(cfg)
+    # trainer.loggers, not `loggers`: fast_dev_run swaps them for a logger that writes nothing
+    for lg in trainer.loggers:
+        lg.log_hyperparams(hparams)  # hparams.yaml; the full config is in .hydra/config.yaml
+    summary = next((c for c in callbacks if isinstance(c, RunSummary)), None)
+
+    tune = cfg.get("tune") or {}
+    if tune.get("lr_find"):
+        from lmlab.tuning import find_lr  # imports the Tuner only when asked for
+
+        found = find_lr(trainer, module, datamodule, tune, Path(cfg.paths.output_dir))
+        if summary is not None:
+            summary.extra["lr_find"] = found
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    summary = next((c for c in callbacks if isinstance(c, RunSummary)), None)
     if summary is None:
         return {}
     if summary.last.get("step") != trainer.global_step and not trainer.fast_dev_run:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the final estimate
+    log_final_hparams(
+        trainer.loggers, hparams, hparam_metrics(summary.summary), trainer.global_step
+    )
     return summary.summary
+
+
+def optimized_value(summary: dict[str, Any], metric: str) -> float | None:
+    """The run's best value of `metric` (what a sweeper minimises), None when it has none."""
+    value = summary.get(metric, (summary.get("best") or {}).get(metric))
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def _report_user_error(err: BaseException) -> LmlabError | None:
@@ -87,25 +116,43 @@ def _report_user_error(err: BaseException) -> LmlabError | None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    """One run, or one job of a sweep; returns `optimized_metric` for Hydra's sweepers."""
+    started = time.time()
+    output_dir = Path(cfg.paths.output_dir)
     try:
         summary = train(cfg)
     except Exception as err:
         user_error = _report_user_error(err)
+        record_failure(output_dir, _describe(user_error or err), started)
+        if not is_multirun():
+            if user_error is None:
+                raise
+            print(f"lmlab-train: error: {user_error}", file=sys.stderr)
+            sys.exit(1)
+        # One failed job must not stop the sweep: log it and let the next job run. None
+        # tells Optuna that the trial failed (it is left out of the search's model).
         if user_error is None:
-            raise
-        print(f"lmlab-train: error: {user_error}", file=sys.stderr)
-        sys.exit(1)
-    output_dir = Path(cfg.paths.output_dir)
+            log.exception("job failed: %s", _describe(err))
+        else:
+            log.error("job failed: %s", user_error)
+        return None
     last = summary.get("last", {})
     print(f"run directory: {output_dir}")
     if last:
         loss, bpc, step = last["val/loss"], last["val/bpc"], last["step"]
         print(f"final val/loss {loss:.4f}, val/bpc {bpc:.4f} (step {step})")
-    return last.get("val/loss")
+    return optimized_value(summary, cfg.get("optimized_metric") or "val/bpc")
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
 
 
 def main() -> None:
     _hydra_main()
+    report = last_sweep_report()  # set by the SweepStatus callback after `-m`
+    if report is not None and report.failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

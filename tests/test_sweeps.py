@@ -1,0 +1,423 @@
+"""Sweeps: job directory names, failed jobs, the sweep's exit status, Optuna, launchers and
+the hyperparameters that TensorBoard's HParams tab compares."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+from hydra import compose, initialize_config_module
+from hydra.types import RunMode
+from omegaconf import OmegaConf, open_dict
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lmlab.callbacks import record_failure
+from lmlab.compare import build_table, collect_runs
+from lmlab.errors import LmlabError
+from lmlab.hparams import run_hparams
+from lmlab.sweeps import (
+    MAX_DIRNAME_BYTES,
+    format_report,
+    job_dirname,
+    read_sweep,
+    swept_keys,
+)
+from lmlab.train import optimized_value, train
+
+# A GPT small enough that a job takes a second or two; n_head is set per test.
+TINY_GPT = [
+    "model=gpt",
+    "model.n_embd=16",
+    "model.n_layer=1",
+    "data.block_size=8",
+    "trainer.accelerator=cpu",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "callbacks.sample_text.max_new_tokens=20",
+]
+
+
+def run_train(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "lmlab.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def compose_with_hydra(overrides: list[str]):
+    with initialize_config_module(config_module="lmlab.conf", version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+
+
+def job_dirs(sweep: Path) -> list[Path]:
+    return sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()), key=lambda p: p.name)
+
+
+# ----------------------------------------------------------------------------- job names
+
+
+def test_job_dirname_lists_the_overrides_as_typed():
+    name = job_dirname(2, ["model=gpt", "data.block_size=64"])
+    assert name == "2_model=gpt,data.block_size=64"
+    assert job_dirname(0, []) == "0"
+
+
+def test_job_dirname_is_one_safe_path_component():
+    name = job_dirname(
+        1,
+        [
+            "data.path=/corpora/my texts/shakespeare.txt",
+            "model.optimizer.lr=0.0036303760732131728",
+            "callbacks.sample_text.prompt='To be: or not?'",
+            "paths.log_dir=/elsewhere",
+        ],
+        exclude_keys=["paths.log_dir"],
+    )
+    assert name == (
+        "1_data.path=shakespeare.txt,model.optimizer.lr=0.00363,"
+        "callbacks.sample_text.prompt=_To_be__or_not__"
+    )
+    assert "/" not in name and " " not in name
+
+
+def test_job_dirname_shows_only_the_swept_keys_when_known():
+    overrides = ["data.path=/x/tiny.txt", "model=gpt", "+model.dropout=0.1", "seed=3"]
+    swept = ["model.dropout", "seed"]
+    assert job_dirname(0, overrides, swept_keys=swept) == "0_+model.dropout=0.1,seed=3"
+    assert job_dirname(0, overrides, swept_keys=["other"]).startswith("0_data.path=tiny.txt")
+
+
+def test_swept_keys_are_command_line_sweeps_and_sweeper_params():
+    cfg = compose_with_hydra(["hparams_search=shakespeare_optuna"])
+    with open_dict(cfg):
+        cfg.hydra.overrides.task = ["model=gpt,mlp", "seed=1", "data.block_size=range(8,32,8)"]
+    assert swept_keys(cfg) == [
+        "model",
+        "data.block_size",
+        "model.optimizer.lr",
+        "model.n_embd",
+        "model.n_layer",
+        "model.dropout",
+    ]
+
+
+def test_long_job_dirnames_are_capped_and_kept_apart():
+    many = [f"model.key_{i}=value_{i}" for i in range(40)]
+    a = job_dirname(0, many)
+    b = job_dirname(0, [*many[:-1], "model.key_39=other"])
+    assert len(a.encode()) <= MAX_DIRNAME_BYTES + 8  # plus the job number and `_`
+    assert a.startswith("0_model.key_0=value_0,") and a != b
+
+
+def test_sweep_subdir_is_the_job_number_and_its_overrides():
+    cfg = compose_with_hydra(
+        ["model=gpt", "trainer.enable_progress_bar=false", "seed=7", "hydra.job.num=3"]
+    )
+    # noisy keys are left out; Hydra's own overrides (hydra.*) never appear
+    assert cfg.hydra.sweep.subdir == "3_model=gpt,seed=7"
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path, tiny_corpus: Path):
+    sweep = tmp_path / "sweep"
+    result = run_train(
+        "-m",
+        f"data.path={tiny_corpus}",
+        *TINY_GPT,
+        "model.n_head=3,2",  # 16 is not divisible by 3: the first job fails
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    # one directory per job, named by its number and what the sweep varies
+    failed_dir, done_dir = job_dirs(sweep)
+    assert (failed_dir.name, done_dir.name) == ("0_model.n_head=3", "1_model.n_head=2")
+
+    failed = json.loads((failed_dir / "metrics.json").read_text())
+    assert failed["status"] == "failed"
+    assert "divisible by model.n_head (3)" in failed["error"]
+    assert "divisible by model.n_head (3)" in (failed_dir / "train.log").read_text()
+    done = json.loads((done_dir / "metrics.json").read_text())
+    assert done["status"] == "completed" and done["steps"] == 4 and done["val/bpc"] > 0
+    assert (done_dir / "checkpoints" / "last.ckpt").is_file()
+    assert "2 jobs, 1 completed, 1 failed" in result.stdout
+
+    rows = build_table(collect_runs([sweep]))
+    assert [(r["model.n_head"], r["status"]) for r in rows] == [("2", "completed"), ("3", "failed")]
+    assert "divisible" in rows[1]["error"]
+
+
+def test_read_sweep_counts_only_jobs_of_this_sweep(tmp_path: Path):
+    for name, status in (("0_a=1", "completed"), ("1_a=2", "failed"), ("2_a=3", None)):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / ".hydra" / "config.yaml").write_text("{}")
+        if status:
+            metrics = {"status": status, "error": "boom" if status == "failed" else None}
+            (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
+    report = read_sweep(tmp_path)
+    assert [(j.path.name, j.status) for j in report.failed] == [
+        ("1_a=2", "failed"),
+        ("2_a=3", "unknown"),  # no metrics.json: the job died before writing one
+    ]
+    assert "3 jobs, 1 completed, 2 failed" in format_report(report)
+    assert read_sweep(tmp_path, since=time.time() + 60).jobs == []  # an earlier sweep's jobs
+
+
+def test_record_failure_keeps_what_this_run_wrote_but_not_an_old_file(tmp_path: Path):
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"status": "completed", "val/loss": 1.5, "steps": 40}))
+    record_failure(tmp_path, "RuntimeError: late failure", started=time.time() - 60)
+    kept = json.loads(metrics.read_text())
+    assert kept["status"] == "failed" and kept["val/loss"] == 1.5
+    assert kept["error"] == "RuntimeError: late failure"
+
+    record_failure(tmp_path, "LmlabError: bad", started=time.time() + 60)  # file is older
+    fresh = json.loads(metrics.read_text())
+    assert fresh["status"] == "failed" and fresh["val/loss"] is None and "steps" not in fresh
+
+
+def test_a_diverged_run_fails_with_a_hint(tiny_train_cfg):
+    cfg = tiny_train_cfg(
+        "model=gpt",
+        "model.n_embd=16",
+        "model.n_head=2",
+        "model.n_layer=1",
+        "model.optimizer.lr=1e10",
+        "model.scheduler.warmup_steps=0",
+        "trainer.log_every_n_steps=1",
+    )
+    with pytest.raises(LmlabError, match=r"training diverged: train/loss is nan .* lower"):
+        train(cfg)
+    summary = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert summary["status"] == "failed" and "diverged" in summary["error"]
+
+
+def test_optimized_value_is_the_best_finite_value():
+    summary = {"val/bpc": 2.5, "best": {"val/loss": 1.7, "val/ppl": 5.5}}
+    assert optimized_value(summary, "val/bpc") == 2.5
+    assert optimized_value(summary, "val/ppl") == 5.5
+    assert optimized_value({"val/bpc": float("nan")}, "val/bpc") is None
+    assert optimized_value({}, "val/bpc") is None
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+
+
+def test_hparams_are_logged_with_the_final_metrics(tiny_train_cfg):
+    cfg = tiny_train_cfg("data.block_size=16")
+    summary = train(cfg)
+    events = EventAccumulator(cfg.paths.output_dir)
+    events.Reload()
+    assert "_hparams_/experiment" in events.PluginTagToContent("hparams")
+    [bpc] = events.Scalars("hp/val_bpc")
+    assert bpc.value == pytest.approx(summary["val/bpc"]) and bpc.step == 20
+    [loss] = events.Scalars("hp/val_loss")
+    assert loss.value == pytest.approx(summary["val/loss"])
+    logged = yaml.safe_load((Path(cfg.paths.output_dir) / "hparams.yaml").read_text())
+    assert logged["data.block_size"] == 16 and logged["model.optimizer.lr"] == 0.01
+
+
+def test_run_hparams_are_flat_tensorboard_values(tmp_path: Path):
+    from conftest import compose_train
+
+    params = run_hparams(compose_train(["model=gpt"], tmp_path))
+    assert params["model.n_embd"] == 128 and params["model.optimizer.lr"] == 1e-3
+    assert params["model.optimizer.betas"] == "[0.9, 0.99]"
+    assert params["data.tokenizer"] == "char" and params["seed"] == 1337
+    assert all(isinstance(v, (bool, int, float, str)) for v in params.values())
+    assert not any(k.startswith(("paths", "callbacks", "data.data_dir")) for k in params)
+
+
+# ----------------------------------------------------------------------------- Optuna
+
+
+def test_optuna_search_composes_with_its_search_space():
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+    from optuna.distributions import (
+        CategoricalDistribution,
+        LogUniformDistribution,
+        UniformDistribution,
+    )
+
+    cfg = compose_with_hydra(["hparams_search=shakespeare_optuna"])
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper")
+    assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
+    assert sweeper.sampler.seed is not None and sweeper.direction == "minimize"
+    assert sweeper.n_trials == 20
+    assert cfg.hydra.mode == RunMode.MULTIRUN and cfg.optimized_metric == "val/bpc"
+
+    space, fixed = create_params_from_overrides([f"{k}={v}" for k, v in sweeper.params.items()])
+    assert fixed == {}
+    assert isinstance(space["model.optimizer.lr"], LogUniformDistribution)
+    assert isinstance(space["model.dropout"], UniformDistribution)
+    assert (space["model.dropout"].low, space["model.dropout"].high) == (0.0, 0.2)
+    assert space["model.n_layer"].choices == (2, 4, 6)
+    assert isinstance(space["model.n_embd"], CategoricalDistribution)
+    # every width of the space splits into the fixed number of heads
+    assert all(n_embd % cfg.model.n_head == 0 for n_embd in space["model.n_embd"].choices)
+
+
+@pytest.mark.slow
+def test_optuna_search_finishes_and_reports_the_best_parameters(tmp_path: Path, tiny_corpus: Path):
+    sweep = tmp_path / "optuna"
+    result = run_train(
+        "hparams_search=shakespeare_optuna",  # MULTIRUN by itself: no -m
+        "hydra.sweeper.n_trials=2",
+        f"data.path={tiny_corpus}",
+        *[o for o in TINY_GPT if not o.startswith(("model.n_embd", "model.n_layer"))],
+        # a smaller space than the real one, still searched (n_head 4 divides both widths)
+        "model.n_embd=choice(16,32)",
+        "model.n_layer=choice(1,2)",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(results["best_params"]) == {
+        "model.optimizer.lr",
+        "model.n_embd",
+        "model.dropout",
+        "model.n_layer",
+    }
+    jobs = job_dirs(sweep)
+    assert len(jobs) == 2
+    # named by the searched parameters only, floats shortened
+    assert re.fullmatch(
+        r"0_model.optimizer.lr=[0-9.e-]+,model.n_embd=(16|32),model.n_layer=[12],"
+        r"model.dropout=[0-9.e-]+",
+        jobs[0].name,
+    )
+    values = [json.loads((j / "metrics.json").read_text())["val/bpc"] for j in jobs]
+    assert results["best_value"] == pytest.approx(min(values))
+    assert "Best parameters" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_a_failed_trial_does_not_stop_the_optuna_search(tmp_path: Path, tiny_corpus: Path):
+    sweep = tmp_path / "optuna"
+    result = run_train(
+        "hparams_search=shakespeare_optuna",
+        "hydra.sweeper.n_trials=2",
+        f"data.path={tiny_corpus}",
+        *[o for o in TINY_GPT if not o.startswith("model.n_embd")],
+        "model.n_embd=choice(16,24)",
+        "model.n_head=3",  # 16 is not divisible by 3: those trials fail
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    statuses = {
+        json.loads((j / "metrics.json").read_text())["status"]: j.name for j in job_dirs(sweep)
+    }
+    assert set(statuses) == {"failed", "completed"}  # the seeded TPE tries both widths
+    assert "model.n_embd=16" in statuses["failed"]
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert results["best_params"]["model.n_embd"] == 24
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def test_joblib_launcher_composes():
+    cfg = compose_with_hydra(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+    assert cfg.hydra.launcher.n_jobs == 2
+
+
+def test_submitit_local_launcher_composes():
+    cfg = compose_with_hydra(["hydra/launcher=submitit_local"])
+    assert cfg.hydra.launcher._target_.endswith("submitit_launcher.LocalLauncher")
+
+
+def test_slurm_launcher_matches_the_trainer_and_makes_an_sbatch_script(tmp_path: Path, monkeypatch):
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    cfg = compose_with_hydra(
+        [
+            "hydra/launcher=slurm",
+            "trainer=gpu",
+            "trainer.devices=4",
+            "trainer.num_nodes=2",
+            "hydra.launcher.partition=gpu",
+            f"hydra.launcher.submitit_folder={tmp_path}/%j",
+            "hydra.launcher.name=lmlab",
+        ]
+    )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    # one srun task per device and node: what Lightning's SLURMEnvironment expects
+    assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (4, 4, 2)
+    assert launcher.timeout_min > 0 and launcher.mem_gb > 0 and launcher.array_parallelism > 0
+
+    # Build the executor as the plugin does (SlurmLauncher.launch), up to the sbatch script;
+    # submitit only checks that `srun` exists.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    params = OmegaConf.to_container(launcher, resolve=True)
+    params.pop("_target_")
+    executor = submitit.AutoExecutor(
+        cluster="slurm",
+        folder=params.pop("submitit_folder"),
+        slurm_max_num_timeout=params.pop("max_num_timeout"),
+    )
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    script = executor._executor._make_submission_file_text("python -m lmlab.train", "0")
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --time=240",
+    ):
+        assert line in script
+
+
+@pytest.mark.slow
+def test_joblib_runs_two_jobs(tmp_path: Path, tiny_corpus: Path):
+    sweep = tmp_path / "joblib"
+    result = run_train(
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        f"data.path={tiny_corpus}",
+        *TINY_GPT,
+        "model.n_head=2",
+        "seed=1,2",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = job_dirs(sweep)
+    assert [j.name for j in jobs] == ["0_seed=1", "1_seed=2"]
+    for job in jobs:
+        assert json.loads((job / "metrics.json").read_text())["status"] == "completed"
+    assert "2 jobs, 2 completed" in result.stdout
+
+
+def test_hparams_search_group_holds_only_composable_configs(tmp_path: Path):
+    for path in sorted((REPO / "src" / "lmlab" / "conf" / "hparams_search").glob("*.yaml")):
+        cfg = compose_with_hydra([f"hparams_search={path.stem}"])
+        assert cfg.hydra.sweeper.params, path.name
