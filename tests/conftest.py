@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,17 @@ def tiny_train_cfg(tmp_path: Path, tiny_corpus: Path):
         return compose_train(base + list(overrides), tmp_path / "run")
 
     return make
+
+
+def run_lmlab(
+    module: str, *args: str, cwd: Path | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """Run `python -m lmlab.<module> ARGS` as a user would, capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", f"lmlab.{module}", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_lmlab
 from hydra import compose, initialize_config_module
 
 from lmlab.sample import sample
@@ -66,13 +66,7 @@ def test_same_seed_same_text_and_top_k_1_is_greedy(gpt_checkpoint: Path):
 
 
 def run_sample_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lmlab.sample", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
+    return run_lmlab("sample", *args, timeout=120)
 
 
 def test_cli_prints_samples(gpt_checkpoint: Path):

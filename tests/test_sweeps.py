@@ -7,13 +7,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, run_lmlab
 from hydra import compose, initialize_config_module
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
@@ -48,15 +47,7 @@ TINY_GPT = [
 
 
 def run_train(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, "-m", "lmlab.train", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_lmlab("train", *args, cwd=cwd, timeout=timeout)
 
 
 def compose_with_hydra(overrides: list[str]):

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import hydra
 import pytest
 import torch
-from conftest import compose_train, needs_corpus, needs_tiktoken
+from conftest import compose_train, needs_corpus, needs_tiktoken, run_lmlab
 from hydra import compose, initialize_config_module
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -110,15 +108,7 @@ def test_loss_falls_on_the_tiny_corpus(tiny_train_cfg):
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, "-m", "lmlab.train", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_lmlab("train", *args, cwd=cwd, timeout=120)
 
 
 def test_cli_names_a_missing_corpus_in_one_line(tmp_path: Path):
