@@ -459,8 +459,17 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+        writer.writerow({k: _csv_value(row.get(k)) for k in columns})
     atomic_write_text(path, buffer.getvalue())
+
+
+def _csv_value(value: Any) -> Any:
+    """Counts stay integers ("300", not "300.0"): a group mean of integers is a float."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -556,7 +565,16 @@ def plot_curves(groups: Sequence[RunGroup], labels: Sequence[str], path: Path) -
             for points in (c.get(tag) for c in per_group):
                 if points:
                     steps, values = zip(*points, strict=True)
-                    ax.plot(steps, values, color=color, label=None if labelled else label)
+                    # markers: a run validated once is still a visible point
+                    marker = "o" if len(steps) < 30 else None
+                    ax.plot(
+                        steps,
+                        values,
+                        color=color,
+                        marker=marker,
+                        markersize=3,
+                        label=None if labelled else label,
+                    )
                     labelled = True
         ax.set_xlabel("step")
         ax.set_ylabel(tag)
