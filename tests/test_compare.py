@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from lmlab.compare import build_table, collect_runs, main, read_scalars
+from lmlab.compare import build_table, collect_runs, main
+from lmlab.curves import read_scalars
 
 
 def make_run(
