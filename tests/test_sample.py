@@ -78,7 +78,8 @@ def test_cli_prints_samples(gpt_checkpoint: Path):
 def test_prompt_outside_the_vocabulary_is_named(gpt_checkpoint: Path):
     result = run_sample_cli(f"ckpt_path={gpt_checkpoint}", "prompt=Zq")
     assert result.returncode == 1
-    assert "2 character(s) outside the vocabulary: 'Z', 'q'" in result.stderr
+    assert "2 character(s) that are not in the checkpoint's vocabulary" in result.stderr
+    assert ": 'Z', 'q'; leave them out or replace them" in result.stderr
 
 
 def test_missing_checkpoint_is_named(tmp_path: Path):
@@ -86,7 +87,7 @@ def test_missing_checkpoint_is_named(tmp_path: Path):
     assert result.returncode == 1
     assert result.stderr.strip() == (
         f"lmlab-sample: error: checkpoint not found: {tmp_path}/nope.ckpt; "
-        "give ckpt_path=<run dir>/checkpoints/last.ckpt"
+        "give ckpt_path=<run dir>/checkpoints/last.ckpt, a file written by lmlab-train"
     )
 
 
@@ -95,7 +96,9 @@ def test_truncated_checkpoint_is_refused(gpt_checkpoint: Path, tmp_path: Path):
     truncated.write_bytes(gpt_checkpoint.read_bytes()[:1000])
     result = run_sample_cli(f"ckpt_path={truncated}")
     assert result.returncode == 1
-    assert "is not a readable checkpoint (truncated or another kind of file" in result.stderr
+    assert f"{truncated} is truncated (1000 bytes, the end of the archive is missing" in (
+        result.stderr
+    )
 
 
 class RunsCode:
