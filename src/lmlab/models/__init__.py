@@ -10,7 +10,7 @@ from torch import nn
 
 from lmlab.errors import LmlabError
 from lmlab.models.bigram import BigramConfig, BigramLM
-from lmlab.models.gpt import GPT, GPTConfig, KVCache
+from lmlab.models.gpt import GPT, GPTConfig, KVCache, too_long_message
 from lmlab.models.mlp import MLP, MLPConfig
 
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
@@ -29,6 +29,7 @@ __all__ = [
     "KVCache",
     "MLPConfig",
     "build_model",
+    "check_block_size",
     "hyperparameter_names",
 ]
 
@@ -49,3 +50,13 @@ def build_model(name: str, **hparams: Any) -> nn.Module:
             f"model {name!r} has no hyperparameter(s) {unknown}; it takes {sorted(fields)}"
         )
     return model_cls(config_cls(**hparams))
+
+
+def check_block_size(model: nn.Module, block_size: int) -> None:
+    """Raise an LmlabError when windows of `block_size` tokens are longer than `model` can
+    take: the GPT's position table has `model.block_size` rows; the bigram and the MLP read
+    any length (their block_size only crops generation contexts)."""
+    if isinstance(model, GPT) and block_size > model.config.block_size:
+        raise LmlabError(
+            too_long_message(f"data.block_size ({block_size})", block_size, model.config.block_size)
+        )

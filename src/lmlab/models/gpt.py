@@ -39,6 +39,15 @@ class GPTConfig:
             raise LmlabError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
 
+def too_long_message(what: str, length: int, block_size: int) -> str:
+    """What to do when `what` (`length` tokens) meets a position table of `block_size`."""
+    return (
+        f"{what} is longer than model.block_size ({block_size}), the length of the GPT's "
+        f"position table; set data.block_size={block_size} or less, or "
+        f"model.block_size={length} or more (by default it follows data.block_size)"
+    )
+
+
 def _divisor_near(n: int, k: int) -> int:
     """The divisor of n closest to k, to suggest a valid n_head."""
     return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - k), d))
@@ -203,8 +212,7 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             if kv_cache is None:
                 raise LmlabError(
-                    f"a sequence of {T} tokens is longer than model.block_size "
-                    f"({self.config.block_size}); crop it to the last block_size tokens"
+                    too_long_message(f"a sequence of {T} tokens", T, self.config.block_size)
                 )
             raise LmlabError(
                 f"the kv cache holds {start} tokens and {T} more exceed model.block_size "
