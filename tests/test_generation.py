@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import pytest
 import torch
 
@@ -191,5 +193,32 @@ def test_sample_text_empty_prompt_starts_from_boundary() -> None:
 def test_sample_text_rejects_unknown_characters() -> None:
     tok = CharTokenizer.fit(CORPUS)
     model = gpt(vocab_size=tok.vocab_size)
-    with pytest.raises(LmlabError, match="outside the vocabulary"):
+    with pytest.raises(LmlabError, match="not in the checkpoint's vocabulary") as err:
         sample_text(model, tok, "zed", max_new_tokens=5, num_samples=1)
+    missing = sorted(set("zed") - set(CORPUS))
+    assert ", ".join(repr(c) for c in missing) in str(err.value)
+
+
+def test_sample_text_normalises_a_decomposed_prompt_to_the_vocabulary() -> None:
+    tok = CharTokenizer.fit("한국어 문장\n")  # NFC: one code point per syllable
+    model = gpt(vocab_size=tok.vocab_size)
+    decomposed = unicodedata.normalize("NFD", "한국")  # as macOS may type it
+    text = sample_text(model, tok, decomposed, max_new_tokens=3, temperature=0.0)[0]
+    assert text.startswith("한국")
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"temperature": -1.0}, "temperature must be 0 .greedy. or more"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"top_k": -2}, "top_k must be 1 or more"),
+        ({"max_new_tokens": -1}, "max_new_tokens must be 0 or more"),
+        ({"num_samples": 0}, "num_samples must be 1 or more"),
+    ],
+)
+def test_sample_text_rejects_settings_out_of_range(setting: dict, message: str) -> None:
+    tok = CharTokenizer.fit(CORPUS)
+    model = gpt(vocab_size=tok.vocab_size)
+    with pytest.raises(LmlabError, match=message):
+        sample_text(model, tok, **{"prompt": "", "max_new_tokens": 5, **setting})

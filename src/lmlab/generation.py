@@ -12,11 +12,14 @@ not) follow the same rule, so they compute the same logits and greedy decoding a
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from lmlab.errors import LmlabError
 
 
 def filter_logits(
@@ -63,6 +66,7 @@ def generate(
 
     With `use_cache` and a model that has `init_cache()`, the prompt is fed once and then one
     token per step; the cache is refilled only when the window jumps (see the module doc)."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     was_training = model.training
     model.eval()
     block_size = model.block_size
@@ -86,6 +90,30 @@ def generate(
     return idx
 
 
+def check_sampling(
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_samples: int = 1,
+) -> None:
+    """An LmlabError for settings that would fail deep inside torch or silently mean something
+    else (a negative temperature inverts the distribution)."""
+    problems = []
+    if max_new_tokens < 0:
+        problems.append(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
+    if num_samples < 1:
+        problems.append(f"num_samples must be 1 or more, got {num_samples}")
+    if temperature < 0:
+        problems.append(f"temperature must be 0 (greedy) or more, got {temperature}")
+    if top_k is not None and top_k < 0:
+        problems.append(f"top_k must be 1 or more (0 or null: no cut), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        problems.append(f"top_p must be in (0, 1], or null for no cut, got {top_p}")
+    if problems:
+        raise LmlabError("; ".join(problems))
+
+
 def _pick(
     logits: torch.Tensor,
     temperature: float,
@@ -98,6 +126,29 @@ def _pick(
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> np.ndarray:
+    """The prompt's token ids; an LmlabError naming the characters a char vocabulary lacks.
+
+    Corpora are NFC-normalised by default, so a prompt typed in another normal form (a
+    decomposed Hangul syllable, say) is normalised when that makes it fit the vocabulary."""
+    stoi = getattr(tokenizer, "stoi", None)
+    if stoi is None:  # BPE encodes any text
+        return tokenizer.encode(prompt)
+    missing = sorted(set(prompt) - stoi.keys())
+    if missing:
+        nfc = unicodedata.normalize("NFC", prompt)
+        if set(nfc) <= stoi.keys():
+            return tokenizer.encode(nfc)
+        shown = ", ".join(repr(c) for c in missing[:20])
+        more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+        raise LmlabError(
+            f"the prompt has {len(missing)} character(s) that are not in the checkpoint's "
+            f"vocabulary (the {len(stoi)} characters of its training corpus): {shown}{more}; "
+            "leave them out or replace them, or train on a corpus that has them"
+        )
+    return tokenizer.encode(prompt)
 
 
 def sample_text(
@@ -116,11 +167,12 @@ def sample_text(
 
     An empty prompt starts from the boundary token (the start of a document), which is not
     part of the returned text. The same seed gives the same texts."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p, num_samples)
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
     if prompt:
-        ids = tokenizer.encode(prompt)  # raises LmlabError on characters outside the vocabulary
+        ids = encode_prompt(tokenizer, prompt)
         skip = 0
     else:
         ids = np.array([tokenizer.boundary_id], dtype=np.int64)
