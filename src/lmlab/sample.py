@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import hydra
@@ -51,7 +52,25 @@ def _hydra_main(cfg: DictConfig) -> None:
         print(text)
 
 
+def quote_prompt(arg: str) -> str:
+    """`prompt=...` taken literally: any script, commas, colons, quotes, `${`.
+
+    Hydra's override grammar would read `prompt=Hello, world` as a sweep over two values and
+    refuse `prompt=안녕` or `prompt=€` (unquoted values are ASCII), so the value is quoted
+    for Hydra here. A value the user already quoted for Hydra (`'prompt="..."'`) is kept."""
+    key, sep, value = arg.partition("=")
+    if not sep or key.lstrip("+~") != "prompt":
+        return arg
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return arg
+    # Hydra: a backslash is literal unless it precedes a quote or ends the string
+    value = re.sub(r"(\\*)('|\Z)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value)
+    value = value.replace("${", "\\${")  # OmegaConf would resolve an interpolation
+    return f"{key}='{value}'"
+
+
 def main() -> None:
+    sys.argv[1:] = [quote_prompt(arg) for arg in sys.argv[1:]]
     _hydra_main()
 
 
