@@ -6,10 +6,15 @@ import csv
 import hashlib
 import json
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from lmlab.errors import LmlabError
+
+MAX_PIECE_BYTES = 64 << 20  # read_text_chunks cuts anywhere rather than hold more than this
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,7 @@ BUILTIN_CORPORA: dict[str, BuiltinCorpus] = {
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        for chunk in iter(lambda: f.read(8 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -110,17 +115,8 @@ def read_documents(
     Plain text is one document (or one per line with `split_lines`); with `text_field`, a
     TSV/CSV file gives the named column of each row and a JSONL file the named field.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise LmlabError(f"corpus file not found: {path} (check data.path)")
-    try:
-        text = path.read_text(encoding="utf-8", errors=encoding_errors)
-    except UnicodeDecodeError as err:
-        bad = err.object[err.start : err.start + 4]
-        raise LmlabError(
-            f"{path} is not valid UTF-8 (byte {err.start}: {bad!r}); "
-            "convert it to UTF-8, or set data.encoding_errors=replace to replace bad bytes"
-        ) from err
+    path = check_corpus_file(path)
+    text = decode_text(path.read_bytes(), path, 0, encoding_errors)
     if text_field is None:
         documents = text.splitlines() if split_lines else [text]
     elif path.suffix.lower() in {".jsonl", ".ndjson"}:
@@ -131,6 +127,93 @@ def read_documents(
     if not documents:
         raise LmlabError(f"corpus {path} has no text; give a file with some text in it")
     return documents
+
+
+def check_corpus_file(path: str | Path) -> Path:
+    """The corpus path, refused with its own message when it is missing or empty."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise LmlabError(f"corpus file not found: {path} (check data.path)")
+    if path.stat().st_size == 0:
+        raise LmlabError(f"corpus {path} has no text; give a file with some text in it")
+    return path
+
+
+def decode_text(data: bytes, path: Path, offset: int, encoding_errors: str) -> str:
+    """UTF-8 bytes (from byte `offset` of `path`) to text with universal newlines, as
+    `read_text` gives it; a bad byte is reported with its position in the file."""
+    try:
+        text = data.decode("utf-8", errors=encoding_errors)
+    except UnicodeDecodeError as err:
+        bad = err.object[err.start : err.start + 4]
+        raise LmlabError(
+            f"{path} is not valid UTF-8 (byte {offset + err.start}: {bad!r}); "
+            "convert it to UTF-8, or set data.encoding_errors=replace to replace bad bytes"
+        ) from err
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
+
+
+def read_text_chunks(
+    path: Path, chunk_bytes: int, encoding_errors: str = "strict"
+) -> Iterator[tuple[int, str]]:
+    """Yield (bytes read so far, text) for pieces of about `chunk_bytes` of a plain-text file.
+
+    Pieces are cut where the text, its NFC form and (given a space or newline after a letter
+    within a few pieces, as any prose has) its BPE tokens stay those of the whole file.
+    """
+    offset = 0  # file position of data[0]
+    data = b""
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk_bytes)
+            data = data + block if data else block
+            if not data:
+                return
+            if not block:
+                cut = len(data)
+            else:
+                # No exact cut in sight: read on, up to a few pieces, before a near-exact one.
+                cut = _cut_point(data, exact=len(data) < 4 * chunk_bytes)
+                if cut is None:
+                    continue
+            piece, data = data[:cut], data[cut:]
+            yield offset + cut, decode_text(piece, path, offset, encoding_errors)
+            offset += cut
+
+
+def _cut_point(data: bytes, exact: bool) -> int | None:
+    """Where to end a piece of `data`, or None to read on first.
+
+    Exact: before a space or newline that follows a letter. Every tiktoken pattern ends a
+    pre-token after a letter and starts one at the whitespace, and nothing composes across
+    it in NFC. Else, after a newline or before an ASCII character: exact for characters and
+    NFC, at worst a different BPE split of a run of whitespace or of one word.
+    """
+    pos = len(data)
+    for _ in range(1000):
+        pos = max(data.rfind(b" ", 0, pos), data.rfind(b"\n", 0, pos))
+        if pos <= 0:
+            break
+        before = data[max(0, pos - 4) : pos].decode("utf-8", errors="ignore")
+        if before[-1:].isalpha():
+            return pos
+    if exact:
+        return None
+    newline = data.rfind(b"\n")
+    if newline >= 0:
+        return newline + 1  # after it: keeps CRLF together
+    tail = np.frombuffer(data, dtype=np.uint8)[-(1 << 16) :]
+    ascii_at = np.flatnonzero(tail < 0x80)  # no ASCII character composes with the one before
+    if len(ascii_at) and len(data) - len(tail) + ascii_at[-1] > 0:
+        return len(data) - len(tail) + int(ascii_at[-1])
+    if len(data) < MAX_PIECE_BYTES:
+        return None
+    lead = len(data) - 1  # megabytes without ASCII: at least never inside a UTF-8 character
+    while lead > 0 and data[lead] & 0xC0 == 0x80:
+        lead -= 1
+    return lead or len(data)
 
 
 def _table_column(text: str, column: str, path: Path) -> list[str]:

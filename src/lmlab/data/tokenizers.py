@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from lmlab.errors import LmlabError
 
@@ -49,18 +50,24 @@ class CharTokenizer:
         self.name = "char"
         self.itos: list[str] = list(chars)
         self.stoi: dict[str, int] = {c: i for i, c in enumerate(self.itos)}
-        # Sorted code points let encode() look every character up at once with searchsorted.
-        self._codepoints = np.array([ord(c) for c in self.itos], dtype=np.uint32)
-        if np.any(np.diff(self._codepoints.astype(np.int64)) <= 0):
+        codepoints = np.array([ord(c) for c in self.itos], dtype=np.int64)
+        if np.any(np.diff(codepoints) <= 0):
             raise LmlabError("character vocabulary must be sorted and without repeats")
+        # A table from code point to id lets encode() look every character up in one gather
+        # (O(n), unlike a search); its last entry, -1, stands for every code point above.
+        self._table = np.full(int(codepoints[-1]) + 2, -1, dtype=np.int32)
+        self._table[codepoints] = np.arange(len(codepoints), dtype=np.int32)
 
     @classmethod
     def fit(cls, text: str) -> CharTokenizer:
-        codepoints = np.unique(_codepoints(text))
-        chars = [chr(c) for c in codepoints.tolist()]
-        if cls.boundary not in chars:  # documents are joined with it, so it must be encodable
-            chars = sorted([*chars, cls.boundary])
-        return cls(chars)
+        return cls.from_codepoints(np.unique(text_codepoints(text)))
+
+    @classmethod
+    def from_codepoints(cls, codepoints: np.ndarray) -> CharTokenizer:
+        """The vocabulary of the distinct code points seen (sorted), plus the boundary."""
+        chars = {chr(c) for c in np.unique(codepoints).tolist()}
+        chars.add(cls.boundary)  # documents are joined with it, so it must be encodable
+        return cls(sorted(chars))
 
     @property
     def vocab_size(self) -> int:
@@ -70,11 +77,10 @@ class CharTokenizer:
     def boundary_id(self) -> int:
         return self.stoi[self.boundary]
 
-    def encode(self, text: str) -> np.ndarray:
-        codepoints = _codepoints(text)
-        ids = np.searchsorted(self._codepoints, codepoints)
-        ids = np.minimum(ids, len(self._codepoints) - 1)
-        unknown = self._codepoints[ids] != codepoints
+    def encode(self, text: str, dtype: DTypeLike = np.int64) -> np.ndarray:
+        codepoints = text_codepoints(text)
+        ids = self._table[np.minimum(codepoints, len(self._table) - 1)]
+        unknown = ids < 0
         if unknown.any():
             missing = sorted({chr(c) for c in codepoints[unknown].tolist()})
             shown = ", ".join(repr(c) for c in missing[:20])
@@ -83,7 +89,7 @@ class CharTokenizer:
                 f"text has {len(missing)} character(s) outside the vocabulary: {shown}{more}; "
                 "use only characters of the training corpus"
             )
-        return ids.astype(np.int64)
+        return ids.astype(dtype)
 
     def decode(self, ids: list[int] | np.ndarray) -> str:
         return "".join(self.itos[int(i)] for i in ids)
@@ -149,6 +155,14 @@ class TiktokenTokenizer:
     def decode(self, ids: list[int] | np.ndarray) -> str:
         return self.encoding.decode([int(i) for i in ids])
 
+    def count_characters(self, ids: np.ndarray, piece: int = 1 << 20) -> int:
+        """len(decode(ids)) without building the text: UTF-8 bytes that start a character."""
+        count = 0
+        for start in range(0, len(ids), piece):
+            data = self.encoding.decode_bytes(ids[start : start + piece].tolist())
+            count += int(np.count_nonzero(np.frombuffer(data, np.uint8) & 0xC0 != 0x80))
+        return count
+
     def state(self) -> dict[str, Any]:
         if self._ranks is None:
             return {"kind": "tiktoken", "name": self.name}
@@ -174,11 +188,21 @@ def _load_encoding(name: str, quiet: bool = False):
         if quiet:
             return None
         cache = os.environ.get("TIKTOKEN_CACHE_DIR", "<unset>")
+        if name not in tiktoken.list_encoding_names():
+            raise LmlabError(
+                f"unknown tiktoken encoding {name!r}; known encodings are "
+                f"{sorted({*tiktoken.list_encoding_names(), *ENCODING_ALIASES})}, found in "
+                f"TIKTOKEN_CACHE_DIR (now {cache}) or downloaded once; "
+                "or set data.tokenizer to a local .tiktoken ranks file"
+            ) from err
+        # The download error of an offline machine is pages long: its first line will do.
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
         raise LmlabError(
-            f"cannot load the tiktoken encoding {name!r} ({type(err).__name__}: {err}); "
-            f"it must be downloaded once or found in TIKTOKEN_CACHE_DIR (now {cache}). "
-            "Set TIKTOKEN_CACHE_DIR to a directory holding the cached encoding, or set "
-            "data.tokenizer to a local .tiktoken ranks file"
+            f"cannot load the tiktoken encoding {name!r}: its BPE file is not in "
+            f"TIKTOKEN_CACHE_DIR (now {cache}) and could not be downloaded ({reason}). "
+            "To work offline, set TIKTOKEN_CACHE_DIR to a directory that holds the cached "
+            "encoding file (tiktoken names it by the SHA-1 of its URL; copy it from a machine "
+            "that has it), or set data.tokenizer to a local .tiktoken ranks file (or to char)"
         ) from err
 
 
@@ -205,5 +229,10 @@ def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
     raise LmlabError(f"unknown tokenizer kind {kind!r} in checkpoint")
 
 
-def _codepoints(text: str) -> np.ndarray:
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer that holds every id: half the bytes of int32 for BPE."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def text_codepoints(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
