@@ -20,6 +20,16 @@ if (SHARED / "data").is_dir():
 if (SHARED / "tiktoken_cache").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
 
+
+@pytest.fixture(scope="session", autouse=True)
+def token_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Token caches go to a temporary directory, never into the shared data directory."""
+    path = tmp_path_factory.mktemp("tokens")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LMLAB_CACHE_DIR", str(path))
+        yield path
+
+
 TINY_TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
     "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n"

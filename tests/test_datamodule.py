@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ def test_split_is_nine_to_one_by_position(tiny_corpus: Path):
     n = len(TINY_TEXT)
     assert len(dm.train_stream) == int(n * 0.9)
     assert len(dm.train_stream) + len(dm.val_stream) == n
-    assert dm.train_stream.dtype == torch.long
+    assert dm.train_stream.dtype == torch.uint16  # compact on disk and in memory
     joined = torch.cat([dm.train_stream, dm.val_stream]).tolist()
     assert dm.tokenizer.decode(joined) == TINY_TEXT
     assert dm.vocab_size == len(set(TINY_TEXT))
@@ -145,3 +146,70 @@ def test_korean_reviews_give_thousands_of_characters():
     dm.setup("fit")
     assert 1000 < dm.vocab_size < 4000
     assert "영" in dm.tokenizer.stoi
+
+
+# -- bad inputs: one LmlabError that says what was wrong and what to do ------------------------
+def test_empty_corpus_file_is_refused(tmp_path: Path):
+    path = tmp_path / "empty.txt"
+    path.write_text("")
+    with pytest.raises(LmlabError, match=r"empty.txt has no text; give a file with some text"):
+        make_dm(path, cache_dir=str(tmp_path / "tokens"))
+
+
+def test_bytes_that_are_not_utf8_are_located_in_a_streamed_corpus(tmp_path: Path, monkeypatch):
+    from lmlab.data import streaming
+
+    monkeypatch.setattr(streaming, "CHAR_CHUNK_BYTES", 64)  # the bad byte in a later piece
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"plain words here\n" * 30 + "café au lait\n".encode("latin-1"))
+    with pytest.raises(
+        LmlabError, match=r"not valid UTF-8 \(byte 513: .*data.encoding_errors=replace"
+    ):
+        make_dm(path)
+    dm = make_dm(path, encoding_errors="replace")
+    assert "\ufffd" in dm.tokenizer.stoi
+
+
+def test_tsv_without_the_column_is_refused(tmp_path: Path):
+    path = tmp_path / "reviews.tsv"
+    path.write_text("id\treview\n" + "1\tgood film\n" * 50)
+    with pytest.raises(
+        LmlabError, match=r"no column 'document'; its columns are \['id', 'review'\]. Set data"
+    ):
+        make_dm(path, text_field="document")
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5])
+def test_train_fraction_outside_zero_one_is_refused(tiny_corpus: Path, fraction: float):
+    with pytest.raises(LmlabError, match=f"train_fraction must be between 0 and 1.*{fraction}"):
+        TextDataModule(path=str(tiny_corpus), train_fraction=fraction)
+
+
+def test_bpe_encoding_missing_offline_says_what_to_do(tiny_corpus, tmp_path, monkeypatch):
+    import requests
+    import tiktoken.registry
+
+    def offline(*args, **kwargs):
+        raise requests.ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+
+    monkeypatch.setattr(requests, "get", offline)  # never download, even with a network
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # nothing loaded already
+    empty = tmp_path / "empty_cache"
+    empty.mkdir()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(empty))
+    with pytest.raises(LmlabError) as err:
+        make_dm(tiny_corpus, tokenizer="cl100k_base")
+    message = str(err.value)
+    assert f"'cl100k_base': its BPE file is not in TIKTOKEN_CACHE_DIR (now {empty})" in message
+    assert "could not be downloaded (ConnectionError: Failed to resolve" in message
+    assert "To work offline, set TIKTOKEN_CACHE_DIR" in message and "ranks file" in message
+
+
+def test_korean_in_nfd_is_normalised_to_one_character_per_syllable(tmp_path: Path):
+    text = "영화가 정말 재밌어요\n최고의 영화!\n" * 20
+    path = tmp_path / "nfd.txt"
+    path.write_text(unicodedata.normalize("NFD", text), encoding="utf-8")
+    dm = make_dm(path)
+    assert "영" in dm.tokenizer.stoi and "\u110b" not in dm.tokenizer.stoi  # no lone jamo
+    assert len(dm.train_stream) + len(dm.val_stream) == len(text)
+    assert dm.tokenizer.decode(torch.cat([dm.train_stream, dm.val_stream]).tolist()) == text

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import unicodedata
 from pathlib import Path
 
 import lightning as L
@@ -11,9 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from lmlab.data.corpus import BUILTIN_CORPORA, locate_builtin, read_documents
+from lmlab.data.corpus import BUILTIN_CORPORA, locate_builtin
 from lmlab.data.datasets import DocumentWindows, RandomBlockBatches, SlidingWindows
-from lmlab.data.tokenizers import CharTokenizer, TiktokenTokenizer, Tokenizer, build_tokenizer
+from lmlab.data.token_stream import TokenSettings, tokenize_corpus
+from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
 
 SAMPLINGS = ("random", "sliding", "documents")
@@ -39,6 +39,7 @@ class TextDataModule(L.LightningDataModule):
         normalize: str | None = "NFC",
         encoding_errors: str = "strict",
         num_workers: int = 0,
+        cache_dir: str | None = None,
     ):
         super().__init__()
         if corpus is None and path is None:
@@ -68,6 +69,7 @@ class TextDataModule(L.LightningDataModule):
         self.normalize = normalize
         self.encoding_errors = encoding_errors
         self.num_workers = num_workers
+        self.cache_dir = cache_dir  # token streams are cached there; None: not cached
         self.tokenizer: Tokenizer | None = None
         self.train_stream: torch.Tensor | None = None
         self.val_stream: torch.Tensor | None = None
@@ -91,25 +93,26 @@ class TextDataModule(L.LightningDataModule):
         text_field = self.text_field
         if text_field is None and self.path is None:
             text_field = BUILTIN_CORPORA[self.corpus].text_field
-        documents = read_documents(path, text_field, self.split_lines, self.encoding_errors)
-        if self.normalize:
-            documents = [unicodedata.normalize(self.normalize, d) for d in documents]
-        tokenizer = self._build_tokenizer(documents)
-        if self.sampling == "documents":
-            # Split whole documents, after a shuffle with a seed of its own, so that every
-            # training seed of a sweep is scored on the same validation documents.
-            order = np.random.default_rng(self.split_seed).permutation(len(documents))
-            documents = [documents[i] for i in order]
-        ids = self._encode(tokenizer, documents)
+        settings = TokenSettings(
+            tokenizer=self.tokenizer_spec,
+            text_field=text_field,
+            split_lines=self.split_lines,
+            normalize=self.normalize,
+            encoding_errors=self.encoding_errors,
+            shuffle_seed=self.split_seed if self.sampling == "documents" else None,
+        )
+        tokens = tokenize_corpus(path, settings, self.cache_dir)
+        ids, tokenizer = tokens.ids, tokens.tokenizer
         split = int(len(ids) * self.train_fraction)
         if self.sampling == "documents":
-            self._split_documents(ids, tokenizer.boundary_id, len(documents))
+            self._split_documents(ids, tokenizer.boundary_id, tokens.num_documents)
             split = sum(len(d) + 1 for d in self.train_documents)
         self.tokenizer = tokenizer
+        # Views of the memory-mapped stream (uint16/uint32): batches are gathered from it and
+        # made long there, so a big corpus is never held in memory as int64.
         self.train_stream = torch.from_numpy(ids[:split])
         self.val_stream = torch.from_numpy(ids[split:])
-        val_chars = len(tokenizer.decode(ids[split:]))
-        self.val_tokens_per_char = len(self.val_stream) / max(val_chars, 1)
+        self.val_tokens_per_char = len(self.val_stream) / max(tokens.characters(split), 1)
         # Built here, once: a corpus too short for one block fails now, with its message.
         self.train_dataset = self._train_dataset()
         self.val_dataset = self._val_dataset()
@@ -126,17 +129,6 @@ class TextDataModule(L.LightningDataModule):
                 f"{1 - self.train_fraction:.0%}; use a corpus with more documents"
             )
         self.train_documents, self.val_documents = pieces[:n_train], pieces[n_train:]
-
-    def _build_tokenizer(self, documents: list[str]) -> Tokenizer:
-        if self.tokenizer_spec == "char":
-            return CharTokenizer.fit(CharTokenizer.boundary.join(documents))
-        return build_tokenizer(self.tokenizer_spec)
-
-    @staticmethod
-    def _encode(tokenizer: Tokenizer, documents: list[str]) -> np.ndarray:
-        if isinstance(tokenizer, TiktokenTokenizer):
-            return tokenizer.encode_documents(documents)
-        return tokenizer.encode(tokenizer.boundary.join(documents))
 
     # -- what the model needs to know -----------------------------------------------------------
     @property
