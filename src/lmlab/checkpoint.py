@@ -35,7 +35,8 @@ def read_checkpoint(path: str | Path, device: str = "cpu") -> dict[str, Any]:
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise to a user
             warnings.simplefilter("ignore")
-            checkpoint = torch.load(path, map_location=device, weights_only=True)
+            # mmap: tensors are read when used, so checking a big checkpoint costs little
+            checkpoint = torch.load(path, map_location=device, weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as err:
         raise LmlabError(_refusal(path, str(err), is_zip)) from err
     except Exception as err:  # the unpickler raises KeyError, OSError, RuntimeError, ...
@@ -122,33 +123,45 @@ def load_for_sampling(path: str | Path, device: str = "cpu") -> tuple[nn.Module,
     return model, tokenizer_from_state(hparams["tokenizer_state"])
 
 
-def check_resumable(
-    path: str | Path,
-    model_name: str | None = None,
-    model_hparams: dict[str, Any] | None = None,
-) -> dict[str, Any] | None:
+def check_resumable(path: str | Path, module: nn.Module | None = None) -> dict[str, Any] | None:
     """Check `ckpt_path` before `trainer.fit` resumes from it; return its hyperparameters.
 
-    Raises an LmlabError for a checkpoint that is missing, truncated, not a checkpoint, or
-    would run code, and, given this run's `model_name` and `model_hparams`, for one whose
-    model differs. Lightning's own keywords (`last`, `best`, `hpc`) and URLs pass unchecked
-    (None is returned): Lightning resolves them."""
+    An LmlabError for a checkpoint that is missing, truncated, not a checkpoint, or would run
+    code; given this run's LightningModule, also for weights that do not fit its model (the
+    message names the model settings that differ). A checkpoint with another tokenizer is
+    left to `lmlab.resume.check_same_data`, which says so. Lightning's own keywords (`last`,
+    `best`, `hpc`) and URLs pass unchecked, returning None: Lightning resolves them."""
     if str(path) in LIGHTNING_KEYWORDS or "://" in str(path):
         return None
-    hparams = dict(read_checkpoint(path)["hyper_parameters"])
-    if model_name is None:
+    checkpoint = read_checkpoint(path)
+    hparams = dict(checkpoint["hyper_parameters"])
+    if module is None or hparams["tokenizer_state"] != module.hparams.get("tokenizer_state"):
         return hparams
+    saved_shapes = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    if saved_shapes == shapes:
+        return hparams
+    if hparams["model_name"] != module.hparams["model_name"]:
+        raise LmlabError(
+            f"cannot resume from {path}: it holds a {hparams['model_name']} model and this run "
+            f"builds a {module.hparams['model_name']}; set model={hparams['model_name']} with "
+            "that run's settings, or drop ckpt_path to start a new run"
+        )
     saved = {"name": hparams["model_name"], **hparams["model_hparams"]}
-    now = {"name": model_name, **(model_hparams or {})}
+    now = {"name": module.hparams["model_name"], **module.hparams["model_hparams"]}
     differ = [
         f"model.{key}={now.get(key)} (the checkpoint has {saved.get(key)})"
         for key in sorted(set(saved) | set(now))
         if saved.get(key) != now.get(key)
     ]
-    if differ:
-        raise LmlabError(
-            f"cannot resume from {path}: this run's model differs from the checkpoint's: "
-            f"{', '.join(differ)}; resume with the checkpoint's model settings, or drop "
-            "ckpt_path to start a new run"
-        )
-    return hparams
+    if not differ:  # same settings, other code: name the weights instead
+        differ = [
+            f"{key} {shapes.get(key)} (the checkpoint has {saved_shapes.get(key)})"
+            for key in sorted(set(saved_shapes) | set(shapes))
+            if saved_shapes.get(key) != shapes.get(key)
+        ][:3]
+    raise LmlabError(
+        f"cannot resume from {path}: its weights do not fit this run's model: "
+        f"{', '.join(differ)}; resume with the checkpoint's model settings (see its run's "
+        ".hydra/config.yaml), or drop ckpt_path to start a new run"
+    )
