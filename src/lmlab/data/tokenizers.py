@@ -57,6 +57,13 @@ class CharTokenizer:
         # (O(n), unlike a search); its last entry, -1, stands for every code point above.
         self._table = np.full(int(codepoints[-1]) + 2, -1, dtype=np.int32)
         self._table[codepoints] = np.arange(len(codepoints), dtype=np.int32)
+        # Latin-1 text with at most 255 characters (English): bytes.translate, ~10x faster;
+        # 255 marks a character outside the vocabulary.
+        self._bytes_table: bytes | None = None
+        if codepoints[-1] < 256 and len(codepoints) < 255:
+            table = np.full(256, 255, dtype=np.uint8)
+            table[codepoints] = np.arange(len(codepoints))
+            self._bytes_table = table.tobytes()
 
     @classmethod
     def fit(cls, text: str) -> CharTokenizer:
@@ -78,7 +85,11 @@ class CharTokenizer:
         return self.stoi[self.boundary]
 
     def encode(self, text: str, dtype: DTypeLike = np.int64) -> np.ndarray:
-        codepoints = text_codepoints(text)
+        if self._bytes_table is not None and text.isascii():
+            ids = np.frombuffer(text.encode("ascii").translate(self._bytes_table), np.uint8)
+            if not (ids == 255).any():
+                return ids.astype(dtype)
+        codepoints = text_codepoints(text).astype(np.uint32, copy=False)
         ids = self._table[np.minimum(codepoints, len(self._table) - 1)]
         unknown = ids < 0
         if unknown.any():
@@ -235,4 +246,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def text_codepoints(text: str) -> np.ndarray:
+    if text.isascii():  # a flag of the string: free to ask, and a 4x smaller array
+        return np.frombuffer(text.encode("ascii"), dtype=np.uint8)
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
