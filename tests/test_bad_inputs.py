@@ -154,6 +154,20 @@ def test_prompt_is_taken_literally() -> None:
     assert quote_prompt("max_new_tokens=5") == "max_new_tokens=5"
 
 
+def test_sampling_settings_and_device_out_of_range(ckpt: Path) -> None:
+    from lmlab.sample import resolve_device
+
+    result = run_lmlab("sample", f"ckpt_path={ckpt}", "temperature=-1", "top_p=2")
+    assert_one_message(
+        result, "lmlab-sample", "temperature must be 0 (greedy) or more, got -1; top_p must"
+    )
+    with pytest.raises(LmlabError, match="device=foo is not a device; use auto, cpu or cuda"):
+        resolve_device("foo")
+    if not torch.cuda.is_available():
+        with pytest.raises(LmlabError, match="no CUDA GPU; use device=cpu or auto"):
+            resolve_device("cuda")
+
+
 # (d) checkpoints that are missing, truncated, not checkpoints, or crafted to run code
 
 

@@ -36,7 +36,8 @@ def read_checkpoint(path: str | Path, device: str = "cpu") -> dict[str, Any]:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise to a user
             warnings.simplefilter("ignore")
             # mmap: tensors are read when used, so checking a big checkpoint costs little
-            checkpoint = torch.load(path, map_location=device, weights_only=True, mmap=is_zip)
+            mmap = is_zip and torch.device(device).type == "cpu"
+            checkpoint = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise LmlabError(_refusal(path, str(err), is_zip)) from err
     except Exception as err:  # the unpickler raises KeyError, OSError, RuntimeError, ...

@@ -17,6 +17,12 @@ from lmlab.generation import sample_text
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise LmlabError(f"device={name} is not a device; use auto, cpu or cuda") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LmlabError(f"device={name} but this machine has no CUDA GPU; use device=cpu or auto")
     return name
 
 
