@@ -8,10 +8,16 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from lmlab.data.corpus import BUILTIN_CORPORA, locate_builtin
 from lmlab.data.datasets import DocumentWindows, RandomBlockBatches, SlidingWindows
+from lmlab.data.samplers import (
+    BatchNumberSampler,
+    PositionedDataLoader,
+    WindowBatchSampler,
+    shard,
+)
 from lmlab.data.token_stream import TokenSettings, tokenize_corpus
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
@@ -29,6 +35,7 @@ class TextDataModule(L.LightningDataModule):
         tokenizer: str = "char",
         block_size: int = 8,
         batch_size: int = 32,
+        val_batch_size: int | None = None,
         sampling: str = "random",
         stride: int | None = None,
         train_fraction: float = 0.9,
@@ -59,6 +66,8 @@ class TextDataModule(L.LightningDataModule):
         self.tokenizer_spec = tokenizer
         self.block_size = block_size
         self.batch_size = batch_size
+        # validation keeps no activations for backward: larger batches are cheaper per token
+        self.val_batch_size = val_batch_size or batch_size
         self.sampling = sampling
         self.stride = stride or block_size
         self.train_fraction = train_fraction
@@ -164,19 +173,55 @@ class TextDataModule(L.LightningDataModule):
         # every evaluation (a random-block estimate has the same expectation, more noise).
         return SlidingWindows(self.val_stream, self.block_size, self.block_size, "validation")
 
+    def _distribution(self) -> tuple[int, int]:
+        """(rank, world size) of the trainer this module serves; (0, 1) outside a trainer."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _position(self) -> tuple[int, int]:
+        """(epoch, batches done) of the attached trainer, read when an epoch's iteration
+        starts: after a resume these are the restored counters, so the data order goes on
+        where the interrupted run stopped."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        return trainer.current_epoch, trainer.global_step * trainer.accumulate_grad_batches
+
+    def _pin_memory(self) -> bool:
+        # page-locked host memory lets Lightning's non-blocking copy overlap the GPU's work
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset
-        if isinstance(dataset, RandomBlockBatches):  # items are whole batches already
-            return DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
+        rank, world_size = self._distribution()
+        # A DataLoader draws a seed for its workers on every iter(): from its own generator,
+        # not the global one, so a resumed run's dropout draws stay those of an uninterrupted run.
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
+        if isinstance(dataset, RandomBlockBatches):  # items are whole batches already
+            sampler = BatchNumberSampler(len(dataset), self._position, rank, world_size)
+            return PositionedDataLoader(
+                dataset,
+                batch_size=None,
+                sampler=sampler,
+                generator=generator,
+                num_workers=self.num_workers,
+                pin_memory=self._pin_memory(),
+            )
+        batch_sampler = WindowBatchSampler(
+            len(dataset), self.batch_size, self.seed, True, self._position, rank, world_size
+        )
+        return PositionedDataLoader(
             dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=len(dataset) >= self.batch_size,
+            batch_sampler=batch_sampler,
             generator=generator,
             num_workers=self.num_workers,
+            pin_memory=self._pin_memory(),
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_dataset, batch_size=self.batch_size, shuffle=False)
+        rank, world_size = self._distribution()
+        dataset = self.val_dataset
+        if world_size > 1:  # each process scores its share; val/loss is reduced across them
+            dataset = Subset(dataset, shard(len(dataset), rank, world_size))
+        return DataLoader(dataset, batch_size=self.val_batch_size, shuffle=False)

@@ -34,7 +34,7 @@ class RandomBlockBatches(Dataset):
         self.batch_size = batch_size
         self.num_batches = num_batches
         self.seed = seed
-        self._window = torch.arange(block_size)
+        self._window = torch.arange(block_size + 1)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -43,8 +43,9 @@ class RandomBlockBatches(Dataset):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         high = len(self.stream) - self.block_size  # last valid start keeps y in range
         starts = torch.randint(high, (self.batch_size,), generator=generator)
-        positions = starts[:, None] + self._window  # (B, T)
-        return self.stream[positions].long(), self.stream[positions + 1].long()
+        # one gather of T + 1 tokens per row (from RAM or a memmap), then x and y from it
+        chunks = self.stream[starts[:, None] + self._window].long()  # (B, T + 1)
+        return chunks[:, :-1].contiguous(), chunks[:, 1:].contiguous()
 
 
 class SlidingWindows(Dataset):
