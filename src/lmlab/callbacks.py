@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lmlab.errors import LmlabError
 from lmlab.files import atomic_write_json, atomic_write_text
@@ -84,7 +87,8 @@ class RunSummary(L.Callback):
         self.write(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self.status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+        interrupted = isinstance(exception, (KeyboardInterrupt, SIGTERMException))
+        self.status = "interrupted" if interrupted else "failed"
         self.write(trainer, pl_module, error=f"{type(exception).__name__}: {exception}")
 
     @rank_zero_only
@@ -216,3 +220,69 @@ class SampleTextCallback(L.Callback):
         block = "".join(f"=== step {step}, sample {i + 1} ===\n{t}\n" for i, t in enumerate(texts))
         previous = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
         atomic_write_text(self.path, previous + block)
+
+
+class CheckpointOnInterrupt(L.Callback):
+    """SIGTERM (`kill`, a cluster's notice before the end of a job) or Ctrl-C: finish the
+    current step, save `last.ckpt`, stop. `lmlab-train ckpt_path=<that file>` continues.
+
+    Lightning notes a SIGTERM in `trainer.received_sigterm` (and, under DDP, agrees on it across
+    processes at the next batch). Ctrl-C is made to do the same instead of raising wherever
+    the program happens to be, e.g. halfway through an optimizer step; a second Ctrl-C
+    stops at once.
+    """
+
+    def __init__(self, dirpath: str, filename: str = "last.ckpt") -> None:
+        self.path = Path(dirpath) / filename
+        self.signal_name = "SIGTERM"
+        self._trainer: L.Trainer | None = None
+        self._previous_handler: Any = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._trainer = trainer
+        self.signal_name = "SIGTERM"
+        if _in_main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore_handler()
+
+    def _on_sigint(self, signum, frame) -> None:
+        trainer = self._trainer
+        if trainer is None or trainer.received_sigterm:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        self.signal_name = "Ctrl-C"
+        trainer._signal_connector.received_sigterm = True
+        print(
+            "\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to quit now)",
+            file=sys.stderr,
+        )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # One process: stop here, between steps. Several: Lightning raises the same exception
+        # on every process at the start of the next batch, after agreeing on it.
+        if trainer.received_sigterm and trainer.world_size == 1:
+            raise SIGTERMException()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore_handler()
+        if not isinstance(exception, SIGTERMException):
+            return
+        trainer.save_checkpoint(self.path)  # every process takes part; rank zero writes
+        if trainer.is_global_zero:
+            print(
+                f"lmlab-train: {self.signal_name} at step {trainer.global_step}: saved "
+                f"{self.path}; continue with ckpt_path={self.path}",
+                file=sys.stderr,
+            )
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None and _in_main_thread():
+            signal.signal(signal.SIGINT, self._previous_handler)
+        self._previous_handler = None
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -33,6 +33,7 @@ class LanguageModel(L.LightningModule):
         tokenizer_state: dict[str, Any] | None = None,
         bpc_factor: float = 1.0 / math.log(2),
         compile: bool = False,
+        data_fingerprint: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -58,11 +59,26 @@ class LanguageModel(L.LightningModule):
         self.val_loss.update(loss, weight=(y != IGNORE_INDEX).sum())
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()  # reduced across processes under DDP
+        loss = self.val_loss.compute()  # the exact mean over all processes' windows
         self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/bpc", loss * self.hparams.bpc_factor)
-        self.log("val/ppl", torch.exp(loss))
+        # equal on every process already; sync_dist tells Lightning so (one tiny all-reduce)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/bpc", loss * self.hparams.bpc_factor, sync_dist=True)
+        self.log("val/ppl", torch.exp(loss), sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Dropout draws from the global generator: saving its state makes a resumed run draw
+        # what the uninterrupted run would have drawn (Lightning restores everything else).
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states") or {}
+        if "torch" in states:
+            torch.set_rng_state(states["torch"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
 
     def configure_optimizers(self):
         opt_cfg = dict(self.hparams.optimizer)

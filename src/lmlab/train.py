@@ -11,13 +11,19 @@ from typing import Any
 
 import hydra
 import lightning as L
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.callbacks import RunSummary, record_failure
+from lmlab.checkpoint import check_resumable
+from lmlab.distributed import distributed_job, use_job_directory_for_ddp_processes
 from lmlab.errors import LmlabError
 from lmlab.hparams import hparam_metrics, log_final_hparams, run_hparams
 from lmlab.lit_module import LanguageModel
 from lmlab.models import hyperparameter_names
+from lmlab.resume import check_same_data, data_fingerprint
 from lmlab.sweeps import is_multirun, last_sweep_report, register_resolvers
 
 log = logging.getLogger("lmlab")
@@ -45,6 +51,7 @@ def build_lit_module(model_cfg: DictConfig, datamodule: Any) -> LanguageModel:
         tokenizer_state=datamodule.tokenizer.state(),
         bpc_factor=datamodule.bpc_factor,
         compile=bool(cfg.get("compile", False)),
+        data_fingerprint=data_fingerprint(datamodule.train_stream, datamodule.val_stream),
     )
 
 
@@ -54,8 +61,29 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(node) for node in group.values() if node is not None]
 
 
+def _instantiate_callbacks(cfg: DictConfig) -> list[Any]:
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it may not show
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    return callbacks
+
+
+def _check_resume(ckpt_path: str | None, module: LanguageModel) -> None:
+    """Before Lightning loads a checkpoint: it exists, is one, and belongs to this data."""
+    if ckpt_path is None:
+        return
+    saved = check_resumable(ckpt_path, module)
+    if saved is not None:
+        check_same_data(ckpt_path, saved, dict(module.hparams))
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job; return its summary (also written to `metrics.json`)."""
+    with distributed_job():
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
@@ -69,7 +97,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg.model.name,
         module.num_parameters() / 1e6,
     )
-    callbacks = _instantiate_all(cfg.get("callbacks"))
+    callbacks = _instantiate_callbacks(cfg)
+    use_job_directory_for_ddp_processes()
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     hparams = run_hparams(cfg)
@@ -86,7 +115,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if summary is not None:
             summary.extra["lr_find"] = found
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    _check_resume(cfg.get("ckpt_path"), module)
+    # weights_only: resuming never runs code pickled into a checkpoint
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     if summary is None:
         return {}
     if summary.last.get("step") != trainer.global_step and not trainer.fast_dev_run:
@@ -121,6 +152,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     output_dir = Path(cfg.paths.output_dir)
     try:
         summary = train(cfg)
+    except SIGTERMException:
+        # stopped by a signal; the checkpoint and "interrupted" status are written already.
+        # 128 + 15, as a shell reports a process ended by SIGTERM; a sweep stops here too.
+        sys.exit(143)
     except Exception as err:
         user_error = _report_user_error(err)
         record_failure(output_dir, _describe(user_error or err), started)
@@ -137,6 +172,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             log.error("job failed: %s", user_error)
         return None
     last = summary.get("last", {})
+    if rank_zero_only.rank != 0:  # the other processes of a distributed run
+        return optimized_value(summary, cfg.get("optimized_metric") or "val/bpc")
     print(f"run directory: {output_dir}")
     if last:
         loss, bpc, step = last["val/loss"], last["val/bpc"], last["step"]
