@@ -223,6 +223,14 @@ def test_lmlab_sample_refuses_a_bad_checkpoint(ckpt: Path, tmp_path: Path, name:
     assert not MARKER.exists()  # refused without running the code
 
 
+def test_hydra_full_error_shows_the_traceback(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    result = run_lmlab("sample", f"ckpt_path={tmp_path}/nope.ckpt")
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("lmlab.errors.LmlabError: ")
+
+
 def test_check_resumable_passes_a_good_checkpoint_and_lightning_keywords(ckpt: Path) -> None:
     saved = check_resumable(ckpt)
     assert saved["model_name"] == "gpt"
@@ -240,7 +248,6 @@ def test_check_resumable_refuses_weights_of_another_model(ckpt: Path) -> None:
         check_resumable(ckpt, LanguageModel(**bigram))
 
 
-@pytest.mark.xfail(reason="until train.py calls lmlab.checkpoint.check_resumable", strict=False)
 @pytest.mark.parametrize("name", ["missing", "truncated"])
 def test_lmlab_train_refuses_a_bad_ckpt_path(
     ckpt: Path, tmp_path: Path, tiny_corpus: Path, name: str

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -50,6 +51,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         texts = sample(cfg)
     except LmlabError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # asked for the traceback
+            raise
         print(f"lmlab-sample: error: {err}", file=sys.stderr)
         sys.exit(1)
     for i, text in enumerate(texts):
