@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from lmlab.models import build_model
-from lmlab.optim import build_adamw, lr_multiplier
+from lmlab.optim import build_adamw, fused_adamw_available, lr_multiplier
 
 IGNORE_INDEX = -1  # targets that are padding (per-document examples) carry this id
 
@@ -41,6 +41,9 @@ class LanguageModel(L.LightningModule):
         if compile:
             self.model.compile()  # in place: state_dict keys stay those of the plain model
         self.val_loss = MeanMetric()
+        # training loss since the last logged step (a buffer: follows the module's device)
+        self.register_buffer("interval_loss", torch.zeros(()), persistent=False)
+        self.interval_steps = 0
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -48,10 +51,25 @@ class LanguageModel(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         x, y = batch
         loss = lm_loss(self(x), y)
-        self.log("train/loss", loss, on_step=True, prog_bar=True)
-        # one tag for the rate (LearningRateMonitor would log one per parameter group)
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True)
+        # Summed on the device, logged as the interval's mean on the steps the logger writes:
+        # no host sync per step, and Lightning's per-call logging cost is paid once per
+        # interval instead of on every step (it was 5% of a small model's step time).
+        self.interval_loss.add_(loss.detach())
+        self.interval_steps += 1
+        if self._is_logging_step():
+            self.log("train/loss", self.interval_loss / self.interval_steps, prog_bar=True)
+            # one tag for the rate (LearningRateMonitor would log one per parameter group)
+            self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+            self.interval_loss.zero_()
+            self.interval_steps = 0
         return loss
+
+    def _is_logging_step(self) -> bool:
+        trainer = self.trainer
+        # the test Lightning's logger connector applies, for the step being taken
+        return (trainer.global_step + 1) % max(trainer.log_every_n_steps, 1) == 0 or (
+            trainer.global_step + 1 >= trainer.max_steps > 0
+        )
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -70,10 +88,16 @@ class LanguageModel(L.LightningModule):
         # Dropout draws from the global generator: saving its state makes a resumed run draw
         # what the uninterrupted run would have drawn (Lightning restores everything else).
         checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        # a run stopped between two logged steps logs the same interval mean after a resume
+        checkpoint["interval_loss"] = (self.interval_loss.cpu(), self.interval_steps)
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "interval_loss" in checkpoint:
+            loss, steps = checkpoint["interval_loss"]
+            self.interval_loss.copy_(loss)
+            self.interval_steps = steps
         states = checkpoint.get("rng_states") or {}
         if "torch" in states:
             torch.set_rng_state(states["torch"])
@@ -82,7 +106,7 @@ class LanguageModel(L.LightningModule):
 
     def configure_optimizers(self):
         opt_cfg = dict(self.hparams.optimizer)
-        fused = self.device.type == "cuda"  # one kernel per step instead of one per tensor
+        fused = fused_adamw_available(self.device)  # one kernel per step, not one per tensor
         optimizer = build_adamw(self.model, fused=fused, **opt_cfg)
         sched = dict(self.hparams.scheduler or {})
         max_steps = self.trainer.max_steps if self._trainer is not None else -1
