@@ -9,13 +9,49 @@ not depend on the weights).
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from typing import Any
 
 import torch
+from torch import nn
 
 from lmlab.checkpoint import load_for_sampling
 from lmlab.generation import generate
 from lmlab.models import build_model
+
+
+def bench_generation(
+    block_size: int = 256, new_tokens: int = 500, repeats: int = 3, model: nn.Module | None = None
+) -> dict[str, Any]:
+    """Greedy generation of one sample from a 1-token prompt, best of `repeats`."""
+    if model is None:
+        model = build_model(
+            "gpt", vocab_size=65, block_size=block_size, n_layer=4, n_head=4, n_embd=128
+        ).eval()
+    prompt = torch.zeros((1, 1), dtype=torch.long)
+    seconds, outputs = {}, {}
+    for use_cache in (True, False):
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            outputs[use_cache] = generate(
+                model, prompt, new_tokens, temperature=0, use_cache=use_cache
+            )
+            best = min(best, time.perf_counter() - start)
+        seconds[use_cache] = best
+    figures = {
+        "config": f"GPT 4 layers x 128, block {model.block_size}, {new_tokens} new tokens, "
+        f"greedy, 1 sample, best of {repeats}",
+        "kv_cache_sec": round(seconds[True], 3),
+        "recompute_sec": round(seconds[False], 3),
+        "kv_cache_tokens_per_sec": round(new_tokens / seconds[True]),
+        "recompute_tokens_per_sec": round(new_tokens / seconds[False]),
+        "speedup": round(seconds[False] / seconds[True], 2),
+        "identical_tokens": torch.equal(outputs[True], outputs[False]),
+    }
+    print(f"generation: {json.dumps(figures, indent=1)}", flush=True)
+    return figures
 
 
 def main() -> None:
@@ -25,29 +61,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-
-    if args.ckpt:
-        model, _ = load_for_sampling(args.ckpt)
-    else:
-        model = build_model(
-            "gpt", vocab_size=65, block_size=args.block_size, n_layer=4, n_head=4, n_embd=128
-        ).eval()
-    prompt = torch.zeros((1, 1), dtype=torch.long)
-    print(f"model block_size {model.block_size}, {args.new_tokens} new tokens, greedy, 1 sample")
-    outputs = {}
-    for use_cache in (True, False):
-        best = float("inf")
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            outputs[use_cache] = generate(
-                model, prompt, args.new_tokens, temperature=0, use_cache=use_cache
-            )
-            best = min(best, time.perf_counter() - start)
-        label = "with KV cache   " if use_cache else "without (recompute)"
-        print(f"{label}: {best:.3f} s, {args.new_tokens / best:,.0f} tokens/s")
-        outputs[f"t{use_cache}"] = best
-    print(f"speed-up: {outputs['tFalse'] / outputs['tTrue']:.1f}x")
-    print(f"identical tokens: {torch.equal(outputs[True], outputs[False])}")
+    model = load_for_sampling(args.ckpt)[0] if args.ckpt else None
+    bench_generation(args.block_size, args.new_tokens, args.repeats, model)
 
 
 if __name__ == "__main__":
