@@ -100,3 +100,28 @@ def run_lmlab(
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def gpt_checkpoint(tmp_path_factory) -> Path:
+    """`last.ckpt` of a real 30-step char GPT run on the tiny corpus (shared by the tests)."""
+    from lmlab.train import train  # imported late: collecting tests stays fast
+
+    root = tmp_path_factory.mktemp("gpt_run")
+    corpus = root / "tiny.txt"
+    corpus.write_text(TINY_TEXT, encoding="utf-8")
+    overrides = [
+        f"data.path={corpus}",
+        "trainer.accelerator=cpu",
+        "trainer.max_steps=30",
+        "trainer.val_check_interval=30",
+        "trainer.enable_progress_bar=false",
+        "model=gpt",
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.n_embd=16",
+        "data.block_size=16",
+        "callbacks.sample_text.max_new_tokens=20",
+    ]
+    train(compose_train(overrides, root / "run"))
+    return root / "run" / "checkpoints" / "last.ckpt"

@@ -12,42 +12,26 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_TEXT, compose_train, run_lmlab
+from conftest import TINY_TEXT, run_lmlab
 
 from lmlab import checkpoint as checkpoint_module
 from lmlab.checkpoint import check_resumable, load_for_sampling, read_checkpoint
 from lmlab.errors import LmlabError
 from lmlab.lit_module import LanguageModel
 from lmlab.models import build_model, check_block_size
-from lmlab.train import train
 
 TINY_GPT = ["model=gpt", "model.n_layer=1", "model.n_head=2", "model.n_embd=16"]
 MARKER = Path("/tmp/lmlab-bad-inputs-pickle-ran-code")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A real char-level GPT run on the tiny corpus: two steps, one checkpoint."""
-    root = tmp_path_factory.mktemp("bad_inputs")
-    corpus = root / "tiny.txt"
-    corpus.write_text(TINY_TEXT)
-    overrides = [
-        f"data.path={corpus}",
-        "trainer.accelerator=cpu",
-        "trainer.max_steps=2",
-        "trainer.val_check_interval=2",
-        "trainer.enable_progress_bar=false",
-        "callbacks.sample_text.max_new_tokens=5",
-        "data.block_size=16",
-        *TINY_GPT,
-    ]
-    train(compose_train(overrides, root / "run"))
-    return root / "run"
+def run_dir(gpt_checkpoint: Path) -> Path:
+    return gpt_checkpoint.parent.parent
 
 
 @pytest.fixture(scope="module")
-def ckpt(run_dir: Path) -> Path:
-    return run_dir / "checkpoints" / "last.ckpt"
+def ckpt(gpt_checkpoint: Path) -> Path:
+    return gpt_checkpoint
 
 
 def assert_one_message(result, command: str, *parts: str) -> str:

@@ -7,40 +7,10 @@ import pickle
 import subprocess
 from pathlib import Path
 
-import pytest
 from conftest import run_lmlab
 from hydra import compose, initialize_config_module
 
 from lmlab.sample import sample
-from lmlab.train import train
-
-TINY_GPT = [
-    "model=gpt",
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=16",
-    "data.block_size=16",
-    "callbacks.sample_text.max_new_tokens=20",
-]
-
-
-@pytest.fixture(scope="module")
-def gpt_checkpoint(tmp_path_factory) -> Path:
-    from conftest import TINY_TEXT, compose_train
-
-    root = tmp_path_factory.mktemp("gpt_run")
-    corpus = root / "tiny.txt"
-    corpus.write_text(TINY_TEXT)
-    overrides = [
-        f"data.path={corpus}",
-        "trainer.max_steps=30",
-        "trainer.val_check_interval=30",
-        "trainer.enable_progress_bar=false",
-        *TINY_GPT,
-    ]
-    cfg = compose_train(overrides, root / "run")
-    train(cfg)
-    return root / "run" / "checkpoints" / "last.ckpt"
 
 
 def sample_cfg(*overrides: str):
