@@ -25,7 +25,9 @@ def test_split_is_nine_to_one_by_position(tiny_corpus: Path):
     n = len(TINY_TEXT)
     assert len(dm.train_stream) == int(n * 0.9)
     assert len(dm.train_stream) + len(dm.val_stream) == n
-    assert dm.train_stream.dtype == torch.uint16  # compact on disk and in memory
+    assert (
+        dm.train_stream.dtype == torch.uint8
+    )  # one byte a character: compact on disk and in memory
     joined = torch.cat([dm.train_stream, dm.val_stream]).tolist()
     assert dm.tokenizer.decode(joined) == TINY_TEXT
     assert dm.vocab_size == len(set(TINY_TEXT))

@@ -163,7 +163,7 @@ def test_stale_or_partial_files_are_never_trusted(tiny_corpus, tmp_path):
     bin_path.unlink()
     bin_path.write_bytes(truncated)
     assert stream(make_dm(tiny_corpus, tmp_path)) == expected
-    assert bin_path.stat().st_size == 2 * len(TINY_TEXT)  # rewritten whole (uint16)
+    assert bin_path.stat().st_size == len(TINY_TEXT)  # rewritten whole (uint8)
     # a .bin without its sidecar (killed between the two renames) is tokenized again
     meta_path.unlink()
     bin_path.unlink()

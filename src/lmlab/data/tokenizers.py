@@ -241,7 +241,11 @@ def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest unsigned integer that holds every id: half the bytes of int32 for BPE."""
+    """The smallest unsigned integer that holds every id: one byte a token for most character
+    vocabularies, two for GPT-2's BPE. The stream is memory-mapped, and the pages a run
+    touches count in its memory: a 1 GB English corpus maps 1 GB, not 2 (or 8 as int64)."""
+    if vocab_size <= 1 << 8:
+        return np.dtype(np.uint8)
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
