@@ -10,16 +10,18 @@ import torch
 
 from lmlab.errors import LmlabError
 
-# tokens hashed for the fingerprint: evenly spaced, so a 1 GB corpus costs no more than 1 MB
-FINGERPRINT_SAMPLES = 65_536
+# The fingerprint hashes 256 runs of 256 tokens spread evenly over the stream: runs, not single
+# tokens every few KB, because touching a memory-mapped page maps its neighbours too, and a
+# sample spread over every page would bring a 1 GB corpus into memory.
+RUNS, RUN_LENGTH = 256, 256
 
 
 def stream_fingerprint(stream: torch.Tensor) -> str:
     """A short hash of a token stream's length and an even sample of its tokens."""
-    step = max(len(stream) // FINGERPRINT_SAMPLES, 1)
-    sample = stream[::step][:FINGERPRINT_SAMPLES].to(torch.int64).numpy()
     digest = hashlib.sha256(str(len(stream)).encode())
-    digest.update(sample.tobytes())
+    starts = torch.linspace(0, max(len(stream) - RUN_LENGTH, 0), RUNS).long().unique()
+    for start in starts.tolist():
+        digest.update(stream[start : start + RUN_LENGTH].to(torch.int64).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
