@@ -65,11 +65,8 @@ class LanguageModel(L.LightningModule):
         return loss
 
     def _is_logging_step(self) -> bool:
-        trainer = self.trainer
-        # the test Lightning's logger connector applies, for the step being taken
-        return (trainer.global_step + 1) % max(trainer.log_every_n_steps, 1) == 0 or (
-            trainer.global_step + 1 >= trainer.max_steps > 0
-        )
+        # the steps on which Lightning's logger connector writes (every log_every_n_steps)
+        return (self.trainer.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
