@@ -131,10 +131,13 @@ def bench_tokenization(size_mb: float = 100, tutorial_mb: float = 10) -> dict[st
         seconds = time.perf_counter() - started
         figures["char_tutorial_mb_s"] = round(len(text) / MB / seconds, 1)
         figures["char_tutorial_note"] = f"[stoi[c] for c in text] on a {tutorial_mb:g} MB slice"
-        started = time.perf_counter()
-        encoded = tokenizer.encode(text, dtype=np.uint16)
-        figures["char_encode_ours_mb_s"] = round(len(text) / MB / (time.perf_counter() - started))
-        figures["char_encode_note"] = "CharTokenizer.encode on the same slice, in memory"
+        best = float("inf")
+        for _ in range(3):  # best of 3: a single 10 MB pass is short enough to catch a hiccup
+            started = time.perf_counter()
+            encoded = tokenizer.encode(text, dtype=token_dtype(tokenizer.vocab_size))
+            best = min(best, time.perf_counter() - started)
+        figures["char_encode_ours_mb_s"] = round(len(text) / MB / best)
+        figures["char_encode_note"] = "CharTokenizer.encode on the same slice, in memory, best of 3"
         assert (
             encoded.tolist() == [tokenizer.stoi[c] for c in text[:1000]] + encoded[1000:].tolist()
         )
