@@ -143,3 +143,39 @@ def test_checkpoints_are_written_whole_or_not_at_all(tmp_path: Path, monkeypatch
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
+
+
+class PoisonWeightsAtStep(L.Callback):
+    """Makes the model's weights NaN at `step`, as a diverging run would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.lm_head.weight.fill_(float("nan"))
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    tiny_corpus: Path, tmp_path: Path, monkeypatch
+):
+    _with_callback(monkeypatch, PoisonWeightsAtStep(13))
+    with pytest.raises(LmlabError, match=r"training diverged: train/loss is nan at step 1[4-6]"):
+        train(compose_train([f"data.path={tiny_corpus}", *GPT], tmp_path))
+    checkpoint = torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 10  # saved at the validation before the NaN
+    assert all(torch.isfinite(w).all() for w in checkpoint["state_dict"].values())
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_metrics_are_written_whole_or_not_at_all(tmp_path: Path, monkeypatch):
+    from lmlab.files import atomic_write_json
+
+    path = tmp_path / "metrics.json"
+    atomic_write_json(path, {"status": "running"})
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_json(path, {"status": "completed"})
+    assert json.loads(path.read_text()) == {"status": "running"}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]

@@ -412,3 +412,22 @@ def test_hparams_search_group_holds_only_composable_configs(tmp_path: Path):
     for path in sorted((REPO / "src" / "lmlab" / "conf" / "hparams_search").glob("*.yaml")):
         cfg = compose_with_hydra([f"hparams_search={path.stem}"])
         assert cfg.hydra.sweeper.params, path.name
+
+
+@pytest.mark.parametrize(
+    ("target", "n_jobs", "cores", "threads"),
+    [
+        ("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", 2, 2, 1),
+        ("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", -1, 8, 1),
+        ("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", 2, 16, 8),
+        ("hydra._internal.core_plugins.basic_launcher.BasicLauncher", None, 2, None),
+    ],
+)
+def test_parallel_jobs_share_the_cores(monkeypatch, target, n_jobs, cores, threads):
+    import lmlab.sweeps as sweeps
+
+    hydra_cfg = OmegaConf.create({"launcher": {"_target_": target, "n_jobs": n_jobs}})
+    monkeypatch.setattr(sweeps, "is_multirun", lambda: True)
+    monkeypatch.setattr(sweeps.HydraConfig, "get", staticmethod(lambda: hydra_cfg))
+    monkeypatch.setattr(sweeps.os, "cpu_count", lambda: cores)
+    assert sweeps.threads_per_parallel_job() == threads

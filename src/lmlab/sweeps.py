@@ -42,6 +42,22 @@ def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def threads_per_parallel_job() -> int | None:
+    """Under `hydra/launcher=joblib`, n_jobs jobs run at once on this machine: each gets its
+    share of the cores (None otherwise). torch would start a thread per core in every job,
+    and n_jobs x cores threads on cores slow every job down."""
+    if not is_multirun():
+        return None
+    launcher = HydraConfig.get().launcher
+    if "joblib" not in str(launcher.get("_target_", "")):
+        return None
+    cores = os.cpu_count() or 1
+    n_jobs = int(launcher.get("n_jobs") or -1)
+    if n_jobs < 0:  # joblib's convention: -1 is every core, -2 all but one, ...
+        n_jobs = max(cores + 1 + n_jobs, 1)
+    return max(cores // n_jobs, 1)
+
+
 def job_dirname(
     num: int,
     overrides: Iterable[str],

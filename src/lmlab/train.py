@@ -26,7 +26,12 @@ from lmlab.hparams import hparam_metrics, log_final_hparams, run_hparams
 from lmlab.lit_module import LanguageModel
 from lmlab.models import check_block_size, hyperparameter_names
 from lmlab.resume import check_same_data, data_fingerprint
-from lmlab.sweeps import is_multirun, last_sweep_report, register_resolvers
+from lmlab.sweeps import (
+    is_multirun,
+    last_sweep_report,
+    register_resolvers,
+    threads_per_parallel_job,
+)
 
 log = logging.getLogger("lmlab")
 
@@ -86,6 +91,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _train(cfg: DictConfig) -> dict[str, Any]:
+    if (threads := threads_per_parallel_job()) is not None:
+        torch.set_num_threads(threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
