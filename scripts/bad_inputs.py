@@ -153,6 +153,11 @@ def make_inputs(tmp: Path) -> tuple[list[Row], Path]:
         train("train: crafted pickle (torch.save zip)", f"ckpt_path={tmp}/crafted.ckpt"),
         train("resume on another corpus (names)", f"ckpt_path={ckpt}", "data=names"),
         train(
+            "resume on other tokens, same tokenizer",
+            f"ckpt_path={ckpt}",
+            "data.train_fraction=0.8",  # the same characters, another training split
+        ),
+        train(
             "BPE encoding not loadable offline",
             "data=shakespeare_bpe",
             env={"TIKTOKEN_CACHE_DIR": str(tmp / "empty_tiktoken_cache")},
