@@ -34,6 +34,18 @@ def ckpt(gpt_checkpoint: Path) -> Path:
     return gpt_checkpoint
 
 
+def train_cli(corpus: Path, tmp_path: Path, *overrides: str):
+    """`lmlab-train` on the tiny corpus for two steps, in a subprocess."""
+    return run_lmlab(
+        "train",
+        f"data.path={corpus}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "trainer.accelerator=cpu",
+        "trainer.max_steps=2",
+        *overrides,
+    )
+
+
 def assert_one_message(result, command: str, *parts: str) -> str:
     """Exit 1, no traceback, and a last stderr line `<command>: error: ...` holding `parts`."""
     assert result.returncode == 1, result.stderr
@@ -68,12 +80,9 @@ def test_gpt_forward_says_which_settings_to_change() -> None:
 
 
 def test_train_with_a_position_table_shorter_than_the_windows(tiny_corpus: Path, tmp_path):
-    result = run_lmlab(
-        "train",
-        f"data.path={tiny_corpus}",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        "trainer.accelerator=cpu",
-        "trainer.max_steps=2",
+    result = train_cli(
+        tiny_corpus,
+        tmp_path,
         *TINY_GPT,
         "model.block_size=32",
         "data.block_size=64",
@@ -237,14 +246,7 @@ def test_lmlab_train_refuses_a_bad_ckpt_path(
     ckpt: Path, tmp_path: Path, tiny_corpus: Path, name: str
 ) -> None:
     path, message = bad_checkpoints(ckpt, tmp_path)[name]
-    result = run_lmlab(
-        "train",
-        f"data.path={tiny_corpus}",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        "trainer.accelerator=cpu",
-        "trainer.max_steps=2",
-        f"ckpt_path={path}",
-    )
+    result = train_cli(tiny_corpus, tmp_path, f"ckpt_path={path}")
     assert_one_message(result, "lmlab-train", message)
 
 
