@@ -45,7 +45,6 @@ from bench_data import (  # noqa: E402  (a sibling script, not a package)
 from bench_generation import bench_generation  # noqa: E402
 
 from lmlab.lit_module import lm_loss  # noqa: E402
-from lmlab.optim import build_adamw, fused_adamw_available, lr_multiplier  # noqa: E402
 from lmlab.train import _instantiate_callbacks, build_lit_module  # noqa: E402
 
 EXPERIMENT = "shakespeare_gpt_cpu"
@@ -106,19 +105,7 @@ def plain_loop_tokens_per_sec(cfg, warmup: int) -> tuple[float, torch.nn.Module]
     datamodule.setup("fit")
     module = build_lit_module(cfg.model, datamodule)
     model = module.model.train()
-    opt_cfg = dict(module.hparams.optimizer)
-    sched = dict(module.hparams.scheduler)
-    optimizer = build_adamw(model, fused=fused_adamw_available(torch.device("cpu")), **opt_cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lr_multiplier(
-            decay=sched["decay"],
-            warmup_steps=int(sched["warmup_steps"]),
-            decay_steps=cfg.trainer.max_steps,
-            lr=float(opt_cfg["lr"]),
-            min_lr=float(sched["min_lr"]),
-        ),
-    )
+    optimizer, scheduler = module.build_optimizer(cfg.trainer.max_steps)  # as the Trainer's
     clip = cfg.trainer.gradient_clip_val
     batches = iter(datamodule.train_dataloader())
     start = None

@@ -102,11 +102,21 @@ class LanguageModel(L.LightningModule):
             torch.cuda.set_rng_state_all(states["cuda"])
 
     def configure_optimizers(self):
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        optimizer, scheduler = self.build_optimizer(max_steps)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def build_optimizer(
+        self, max_steps: int
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """AdamW and its per-step schedule from `hparams` (also what a plain loop would use)."""
         opt_cfg = dict(self.hparams.optimizer)
         fused = fused_adamw_available(self.device)  # one kernel per step, not one per tensor
         optimizer = build_adamw(self.model, fused=fused, **opt_cfg)
         sched = dict(self.hparams.scheduler or {})
-        max_steps = self.trainer.max_steps if self._trainer is not None else -1
         multiplier = lr_multiplier(
             decay=sched.get("decay", "constant"),
             warmup_steps=int(sched.get("warmup_steps", 0)),
@@ -114,11 +124,7 @@ class LanguageModel(L.LightningModule):
             lr=float(opt_cfg["lr"]),
             min_lr=float(sched.get("min_lr", opt_cfg["lr"])),
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
     def set_learning_rate(self, lr: float) -> None:
         """Train at `lr` (read by configure_optimizers, saved in checkpoints); the schedule's

@@ -117,7 +117,7 @@ class TextDataModule(L.LightningDataModule):
             self._split_documents(ids, tokenizer.boundary_id, tokens.num_documents)
             split = sum(len(d) + 1 for d in self.train_documents)
         self.tokenizer = tokenizer
-        # Views of the memory-mapped stream (uint16/uint32): batches are gathered from it and
+        # Views of the memory-mapped stream (uint8/16/32): batches are gathered from it and
         # made long there, so a big corpus is never held in memory as int64.
         self.train_stream = torch.from_numpy(ids[:split])
         self.val_stream = torch.from_numpy(ids[split:])

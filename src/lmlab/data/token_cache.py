@@ -1,8 +1,8 @@
 """Token streams cached on disk: a corpus is tokenized once and memory-mapped afterwards.
 
-An entry is `NAME.bin` (the ids as uint16, or uint32 for vocabularies over 65,536) and
-`NAME.json` (the tokenizer's state, the number of tokens, the format version). NAME ends in
-a key that hashes the corpus file's content and every setting that changes the tokens, so a
+An entry is `NAME.bin` (the ids as uint8, uint16 or uint32: the smallest that holds the
+vocabulary) and `NAME.json` (the tokenizer's state, the number of tokens, the format
+version). NAME ends in a key that hashes the corpus file's content and every setting that changes the tokens, so a
 changed corpus or tokenizer never meets a stale entry. Both files are written to a temporary
 file first and renamed into place, the sidecar last: an entry with a sidecar is complete, and
 a run killed half-way leaves only a `.tmp` file that is never read.
@@ -22,6 +22,7 @@ from typing import IO, Any
 import numpy as np
 
 from lmlab.data.corpus import sha256_of
+from lmlab.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class TokenCache:
         return TokenSink(dtype, file, self)
 
     def write_meta(self, meta: dict[str, Any]) -> None:
-        _write_atomically(self.meta_path, json.dumps(meta, indent=1).encode())
+        atomic_write_text(self.meta_path, json.dumps(meta, indent=1))
 
 
 class TokenSink:
@@ -134,14 +135,3 @@ def _map(file: Path | IO[bytes], dtype: np.dtype, num_tokens: int) -> np.ndarray
         return np.zeros(0, dtype=dtype)
     # mode "c": writable for torch.from_numpy (no warning), yet never writes to the file.
     return np.memmap(file, dtype=dtype, mode="c", shape=(num_tokens,))
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    with tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False
-    ) as f:
-        f.write(data)
-    try:
-        os.replace(f.name, path)
-    finally:
-        Path(f.name).unlink(missing_ok=True)
