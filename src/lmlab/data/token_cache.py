@@ -2,10 +2,11 @@
 
 An entry is `NAME.bin` (the ids as uint8, uint16 or uint32: the smallest that holds the
 vocabulary) and `NAME.json` (the tokenizer's state, the number of tokens, the format
-version). NAME ends in a key that hashes the corpus file's content and every setting that changes the tokens, so a
-changed corpus or tokenizer never meets a stale entry. Both files are written to a temporary
-file first and renamed into place, the sidecar last: an entry with a sidecar is complete, and
-a run killed half-way leaves only a `.tmp` file that is never read.
+version). NAME ends in a key that hashes the corpus file's content and every setting that
+changes the tokens, so a changed corpus or tokenizer never meets a stale entry. Both files
+are written to a temporary file first and renamed into place, the sidecar last: an entry
+with a sidecar is complete, and a run killed half-way leaves only a `.tmp` file that is
+never read.
 """
 
 from __future__ import annotations
