@@ -2,13 +2,20 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
 from conftest import data_dir, needs_corpus
 
 from lmlab.data import corpus
-from lmlab.data.corpus import BUILTIN_CORPORA, locate_builtin, read_documents
+from lmlab.data.corpus import (
+    BUILTIN_CORPORA,
+    QUOTINGS,
+    locate_builtin,
+    read_documents,
+    read_text_chunks,
+)
 from lmlab.errors import LmlabError
 
 
@@ -46,6 +53,219 @@ def test_missing_column_lists_the_columns(tmp_path: Path):
         LmlabError, match=r"no column 'document'; its columns are \['id', 'review'\]"
     ):
         read_documents(path, text_field="document")
+
+
+def write(path: Path, text: str) -> Path:
+    """Exactly these characters as UTF-8: no newline translation."""
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+def test_csv_quoted_fields_hold_line_breaks_delimiters_and_quotes(tmp_path: Path):
+    path = write(
+        tmp_path / "data.csv",
+        "id,text,label\r\n"  # csv.writer's row ends
+        '1,"line one\nline two",0\r\n'
+        '2,"a\ttab, a comma and ""doubled"" quotes",1\r\n'
+        '3,"form\x0cfeed, next\x85line, line\u2028separator",0\r\n'
+        "4,bare\x0cform feed\x85next line\u2028separator,1\r\n",
+    )
+    expected = [
+        "line one\nline two",
+        'a\ttab, a comma and "doubled" quotes',
+        "form\x0cfeed, next\x85line, line\u2028separator",
+        "bare\x0cform feed\x85next line\u2028separator",
+    ]
+    assert read_documents(path, text_field="text") == expected
+    assert read_documents(path, text_field="text", quoting="csv") == expected
+
+
+def test_tsv_quoted_fields_hold_line_breaks_tabs_and_commas(tmp_path: Path):
+    path = write(
+        tmp_path / "reviews.tsv",
+        "id\tdocument\tlabel\n"
+        '1\t"first line\nsecond line"\t1\n'
+        '2\t"a\ttab, a comma"\t0\n'
+        '3\tplain "quoted" word\t1\n',
+    )
+    expected = ["first line\nsecond line", "a\ttab, a comma", 'plain "quoted" word']
+    assert read_documents(path, text_field="document") == expected
+    assert read_documents(path, text_field="document", quoting="csv") == expected
+
+
+def test_tsv_with_quoted_fields_read_without_quotes_is_refused(tmp_path: Path):
+    path = write(
+        tmp_path / "reviews.tsv",
+        'id\tdocument\tlabel\n1\t"first line\nsecond line"\t1\n2\t"a\ttab"\t0\n',
+    )
+    with pytest.raises(
+        LmlabError,
+        match=r"reviews.tsv:2: 2 field\(s\) where the header has 3 \(read with data.quoting=none\)"
+        r".*data.quoting=csv",
+    ):
+        read_documents(path, text_field="document", quoting="none")
+
+
+def test_nsmc_style_stray_quotes_are_text(tmp_path: Path):
+    path = write(
+        tmp_path / "ratings.txt",
+        "id\tdocument\tlabel\n"
+        '1\t"최고" 영화\t1\n'  # begins with a quote that is no CSV quote
+        '2\t정말 "재밌다\t1\n'  # an odd number of quotes
+        "3\t\t0\n"
+        '4\t"별로\t0\n'  # with row 5: one "quoted field" over two rows, read as CSV
+        '5\t끝"\t1\n',
+    )
+    expected = ['"최고" 영화', '정말 "재밌다', '"별로', '끝"']
+    assert read_documents(path, text_field="document", quoting="none") == expected
+    assert read_documents(path, text_field="document") == expected
+    with pytest.raises(LmlabError, match=r"ratings.txt:2: not valid CSV .*data.quoting=none"):
+        read_documents(path, text_field="document", quoting="csv")
+
+
+@needs_corpus("nsmc_ratings_train.txt")
+def test_nsmc_reads_as_written():
+    path = data_dir() / "nsmc_ratings_train.txt"
+    documents = read_documents(path, text_field="document")
+    assert len(documents) == 10_000
+    assert documents == read_documents(path, text_field="document", quoting="none")
+    assert documents[2] == "짱깨 꺼라ㅡ패쓰"
+    assert documents[0].startswith("이종석 한효주 나오는 드라마 이후로")
+    assert not any("\t" in d or "\n" in d for d in documents)  # no ids or labels glued on
+
+
+def test_rows_glued_by_stray_quotes_are_refused_in_auto_mode(tmp_path: Path):
+    # Every line is a whole row, and CSV quotes would glue rows 1 and 2 into one field:
+    # two readings, neither evidently wrong, so the user says which.
+    path = write(
+        tmp_path / "ratings.txt",
+        'id\tdocument\tlabel\n1\t"좋아요\t1\n2\t최고"\t1\n3\t보통\t0\n',
+    )
+    with pytest.raises(
+        LmlabError, match=r"ratings.txt:2: a quoted field runs over several lines.*quoting=none"
+    ):
+        read_documents(path, text_field="document")
+    assert read_documents(path, text_field="document", quoting="none") == [
+        '"좋아요',
+        '최고"',
+        "보통",
+    ]
+    assert read_documents(path, text_field="document", quoting="csv") == [
+        "좋아요\t1\n2\t최고",
+        "보통",
+    ]
+
+
+def test_single_column_csv_reads_its_quoted_line_breaks(tmp_path: Path):
+    path = write(tmp_path / "data.csv", 'text\n"one\ntwo"\nthree\n')
+    assert read_documents(path, text_field="text") == ["one\ntwo", "three"]
+
+
+def test_table_that_reads_neither_way_names_both_rows(tmp_path: Path):
+    path = write(tmp_path / "reviews.tsv", 'id\tdocument\tlabel\n1\t"a\tb"\t1\n2\tshort\n')
+    with pytest.raises(
+        LmlabError,
+        match=r"reviews.tsv:2: 4 field\(s\) where the header has 3 with quotes read as text, "
+        r"and line 3: 2 field\(s\) where the header has 3 with CSV quotes; .*"
+        r"data.quoting=csv or data.quoting=none",
+    ):
+        read_documents(path, text_field="document")
+
+
+def test_unknown_quoting_is_refused(tmp_path: Path):
+    path = write(tmp_path / "data.csv", "text\na\n")
+    assert QUOTINGS == ("auto", "csv", "none")
+    with pytest.raises(
+        LmlabError, match=r"data.quoting='maybe' is not one of \['auto', 'csv', 'none'\]"
+    ):
+        read_documents(path, text_field="text", quoting="maybe")
+
+
+def test_jsonl_strings_keep_unicode_line_separators(tmp_path: Path):
+    texts = ["a\u2028b", "c\u2029d", "e\x85f", "g\x0ch", 'tab\tand "quote"']
+    lines = [json.dumps({"id": i, "text": t}, ensure_ascii=False) for i, t in enumerate(texts)]
+    path = write(tmp_path / "data.jsonl", "\n".join(lines[:2] + [""] + lines[2:]) + "\n")
+    raw = path.read_text(encoding="utf-8")
+    assert "\u2028" in raw and "\u2029" in raw and "\x85" in raw  # raw, as json.dumps wrote them
+    assert read_documents(path, text_field="text") == texts
+
+
+@pytest.mark.parametrize(
+    ("line", "what"),
+    [
+        ('{"text": 5}', "field 'text' is a number, not a string"),
+        ('{"text": null}', "field 'text' is null, not a string"),
+        ('{"text": ["a"]}', "field 'text' is an array, not a string"),
+        ('{"text": true}', "field 'text' is a boolean, not a string"),
+        ('["text"]', "the line is an array, not an object"),
+        ('"text"', "the line is a string, not an object"),
+    ],
+)
+def test_jsonl_line_that_gives_no_string_is_refused_with_its_line(
+    tmp_path: Path, line: str, what: str
+):
+    path = write(tmp_path / "data.jsonl", '{"text": "ok"}\n\n' + line + "\n")
+    with pytest.raises(LmlabError, match=rf"data.jsonl:3: {re.escape(what)}"):
+        read_documents(path, text_field="text")
+
+
+def test_split_lines_breaks_at_newlines_only(tmp_path: Path):
+    path = write(tmp_path / "lines.txt", "one\u2028still\x0cone\x85line\nsecond\n\nthird")
+    assert read_documents(path, split_lines=True) == [
+        "one\u2028still\x0cone\x85line",
+        "second",
+        "third",
+    ]
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def test_bom_is_dropped_from_text(tmp_path: Path):
+    path = tmp_path / "names.txt"
+    path.write_bytes(BOM + b"emma\nava\n")
+    assert read_documents(path) == ["emma\nava\n"]
+    assert read_documents(path, split_lines=True) == ["emma", "ava"]
+
+
+def test_bom_is_dropped_from_tsv_column_names(tmp_path: Path):
+    path = tmp_path / "reviews.tsv"
+    path.write_bytes(BOM + "document\tlabel\n좋다\t1\n".encode())
+    assert read_documents(path, text_field="document") == ["좋다"]
+    with pytest.raises(LmlabError, match=r"its columns are \['document', 'label'\]"):
+        read_documents(path, text_field="text")
+
+
+def test_bom_is_dropped_from_csv(tmp_path: Path):
+    path = tmp_path / "data.csv"
+    path.write_bytes(BOM + b'"text",n\n"a, b",1\n')  # a quoted first column name
+    for quoting in ("auto", "csv"):
+        assert read_documents(path, text_field="text", quoting=quoting) == ["a, b"]
+
+
+def test_bom_is_dropped_from_jsonl(tmp_path: Path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(BOM + b'{"text": "x"}\n{"text": "y"}\n')
+    assert read_documents(path, text_field="text") == ["x", "y"]
+
+
+def test_bom_is_dropped_from_the_first_text_chunk(tmp_path: Path):
+    path = tmp_path / "big.txt"
+    path.write_bytes(BOM + b"word " * 50)
+    chunks = list(read_text_chunks(path, chunk_bytes=8))
+    assert len(chunks) > 5
+    assert not chunks[0][1].startswith("\ufeff")
+    assert "".join(text for _, text in chunks) == "word " * 50
+    assert chunks[-1][0] == path.stat().st_size
+
+
+def test_text_chunks_of_a_byte_range(tmp_path: Path):
+    path = tmp_path / "big.txt"
+    path.write_bytes(BOM + b"word " * 50)
+    start, end = len(BOM) + 5 * 10, len(BOM) + 5 * 20
+    chunks = list(read_text_chunks(path, 8, start=start, end=end))
+    assert "".join(text for _, text in chunks) == "word " * 10
+    assert chunks[-1][0] == end
 
 
 def test_missing_file_is_named():
