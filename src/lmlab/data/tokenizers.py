@@ -7,7 +7,9 @@ can carry it and be loaded with `torch.load(..., weights_only=True)`.
 from __future__ import annotations
 
 import base64
+import binascii
 import os
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,6 +22,14 @@ EOT = "<|endoftext|>"
 # Encodings that are the same BPE under another name: `gpt2` downloads two extra files,
 # `r50k_base` is the identical encoding from a single cached file (works offline).
 ENCODING_ALIASES = {"gpt2": "r50k_base"}
+# tiktoken's ranks are 32-bit and <|endoftext|> takes the rank after the largest one.
+MAX_RANK = 2**32 - 2
+RANKS_FILE_HELP = (
+    "give a .tiktoken ranks file as tiktoken writes them: one 'base64-token rank' line per "
+    "token, every token and every rank different, covering all 256 single bytes"
+)
+# ASCII digits only: int() would also take '+1', '1_000' and other scripts' digits.
+_RANK_TEXT = re.compile(r"[0-9]+")
 
 
 class Tokenizer(Protocol):
@@ -119,14 +129,18 @@ class TiktokenTokenizer:
 
         self.name = name
         self._ranks = ranks
+        self._decodable: set[int] | None = None  # ids with bytes, for decode() (gapped ranks)
         if ranks is not None:
-            r50k = _load_encoding("r50k_base", quiet=True)
-            pat_str = r50k._pat_str if r50k is not None else _GPT2_PATTERN
+            # tiktoken panics (a Rust panic, not an exception) on shared ranks, and on text
+            # with a byte that has no token: both are refused here, before it sees them.
+            _check_ranks(ranks, name)
             self.encoding = tiktoken.Encoding(
                 name=Path(name).stem,
-                pat_str=pat_str,
+                pat_str=_GPT2_PATTERN,
                 mergeable_ranks=ranks,
-                special_tokens={EOT: len(ranks)},
+                # After the largest rank: len(ranks) would be a token's rank too when the
+                # ranks are not 0..n-1.
+                special_tokens={EOT: max(ranks.values()) + 1},
             )
         else:
             self.encoding = _load_encoding(ENCODING_ALIASES.get(name, name))
@@ -135,12 +149,8 @@ class TiktokenTokenizer:
 
     @classmethod
     def from_ranks_file(cls, path: str | Path) -> TiktokenTokenizer:
-        from tiktoken.load import load_tiktoken_bpe
-
         path = Path(path).expanduser()
-        if not path.is_file():
-            raise LmlabError(f"tiktoken ranks file not found: {path} (check data.tokenizer)")
-        return cls(str(path), load_tiktoken_bpe(str(path)))
+        return cls(str(path), read_ranks_file(path))
 
     @property
     def vocab_size(self) -> int:
@@ -164,7 +174,20 @@ class TiktokenTokenizer:
         return np.asarray(out, dtype=np.int64)
 
     def decode(self, ids: list[int] | np.ndarray) -> str:
-        return self.encoding.decode([int(i) for i in ids])
+        ids = [int(i) for i in ids]
+        try:
+            return self.encoding.decode(ids)
+        except KeyError:
+            # An id in a gap of a ranks file's numbering is in the vocabulary (the model has a
+            # row for it, and may sample it) but stands for no bytes: shown as U+FFFD.
+            if self._decodable is None:
+                self._decodable = {self.boundary_id, *(self._ranks or {}).values()}
+            unknown = "\ufffd".encode()
+            pieces = [
+                self.encoding.decode_single_token_bytes(i) if i in self._decodable else unknown
+                for i in ids
+            ]
+            return b"".join(pieces).decode("utf-8", errors="replace")
 
     def count_characters(self, ids: np.ndarray, piece: int = 1 << 20) -> int:
         """len(decode(ids)) without building the text: UTF-8 bytes that start a character."""
@@ -178,11 +201,15 @@ class TiktokenTokenizer:
         if self._ranks is None:
             return {"kind": "tiktoken", "name": self.name}
         by_rank = sorted(self._ranks.items(), key=lambda item: item[1])
-        return {
+        state: dict[str, Any] = {
             "kind": "tiktoken",
             "name": self.name,
             "ranks": [base64.b64encode(token).decode("ascii") for token, _ in by_rank],
         }
+        values = [rank for _, rank in by_rank]
+        if values[-1] != len(values) - 1:  # not 0..n-1: the ids must come back as they were
+            state["rank_values"] = values
+        return state
 
 
 _GPT2_PATTERN = (
@@ -190,14 +217,105 @@ _GPT2_PATTERN = (
 )
 
 
-def _load_encoding(name: str, quiet: bool = False):
+def read_ranks_file(path: str | Path) -> dict[bytes, int]:
+    """The ranks of a `.tiktoken` file (`base64-token rank` lines), read from the file itself
+    on every call: tiktoken's loader copies a local file into TIKTOKEN_CACHE_DIR under the
+    hash of its path, and goes on using that copy after the file is replaced. Anything that
+    is not a complete ranks file is one LmlabError that names the line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise LmlabError(f"tiktoken ranks file not found: {path} (check data.tokenizer)")
+
+    def bad(number: int, problem: str) -> LmlabError:
+        return LmlabError(
+            f"{path} is not a tiktoken ranks file: line {number} {problem}; {RANKS_FILE_HELP}"
+        )
+
+    ranks: dict[bytes, int] = {}
+    token_lines: dict[bytes, int] = {}
+    rank_lines: dict[int, int] = {}
+    try:
+        with path.open("rb") as file:
+            for number, raw in enumerate(file, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise bad(number, "is not UTF-8 text") from None
+                if number == 1:
+                    line = line.removeprefix("\ufeff")  # the byte-order mark of some editors
+                fields = line.split()
+                if not fields:
+                    continue
+                if len(fields) != 2:
+                    count = f"{len(fields)} field{'s' if len(fields) > 1 else ''}"
+                    raise bad(number, f"has {count}, not 2: {_shown(line.strip())}")
+                token_text, rank_text = fields
+                try:
+                    token = base64.b64decode(token_text, validate=True)
+                except (binascii.Error, ValueError):
+                    raise bad(number, f"token {_shown(token_text)} is not base64") from None
+                if not _RANK_TEXT.fullmatch(rank_text):
+                    raise bad(number, f"rank {_shown(rank_text)} is not a whole number")
+                # the length first: int() refuses strings of thousands of digits
+                if len(rank_text) > len(str(MAX_RANK)) or int(rank_text) > MAX_RANK:
+                    problem = f"is above {MAX_RANK}, the largest tiktoken takes"
+                    raise bad(number, f"rank {_shown(rank_text)} {problem}")
+                rank = int(rank_text)
+                if token in token_lines:
+                    raise bad(number, f"token {token_text} is also on line {token_lines[token]}")
+                if rank in rank_lines:
+                    raise bad(number, f"rank {rank} is also on line {rank_lines[rank]}")
+                ranks[token] = rank
+                token_lines[token] = rank_lines[rank] = number
+    except OSError as err:
+        raise LmlabError(f"cannot read the tiktoken ranks file {path}: {err}") from None
+    if not ranks:
+        raise LmlabError(
+            f"{path} is not a tiktoken ranks file: it has no tokens; {RANKS_FILE_HELP}"
+        )
+    missing = _missing_bytes(ranks)
+    if missing:
+        raise LmlabError(
+            f"{path} is not a complete tiktoken ranks file: {_bytes_shown(missing)} of the 256 "
+            f"single bytes have no token, so text with them could not be encoded; "
+            f"{RANKS_FILE_HELP}"
+        )
+    return ranks
+
+
+def _check_ranks(ranks: dict[bytes, int], name: str) -> None:
+    """What tiktoken needs of ranks from any source (a file, a checkpoint's state)."""
+    problems = []
+    if len(set(ranks.values())) != len(ranks):
+        problems.append("two tokens share a rank")
+    if ranks and not 0 <= min(ranks.values()) <= max(ranks.values()) <= MAX_RANK:
+        problems.append(f"a rank is outside 0..{MAX_RANK}")
+    missing = _missing_bytes(ranks)
+    if missing:
+        problems.append(f"{_bytes_shown(missing)} of the 256 single bytes have no token")
+    if problems:
+        raise LmlabError(f"the BPE ranks of {name} are not usable: {'; '.join(problems)}")
+
+
+def _missing_bytes(ranks: dict[bytes, int]) -> list[int]:
+    return [b for b in range(256) if bytes([b]) not in ranks]
+
+
+def _bytes_shown(missing: list[int]) -> str:
+    shown = ", ".join(f"0x{b:02x}" for b in missing[:8])
+    return f"{len(missing)} ({shown}{', ...' if len(missing) > 8 else ''})"
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _load_encoding(name: str):
     import tiktoken
 
     try:
         return tiktoken.get_encoding(name)
     except Exception as err:  # tiktoken raises ValueError, OSError or requests errors
-        if quiet:
-            return None
         cache = os.environ.get("TIKTOKEN_CACHE_DIR", "<unset>")
         if name not in tiktoken.list_encoding_names():
             raise LmlabError(
@@ -234,8 +352,10 @@ def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
         return CharTokenizer(list(state["chars"]))
     if kind == "tiktoken":
         if "ranks" in state:
-            ranks = {base64.b64decode(tok): i for i, tok in enumerate(state["ranks"])}
-            return TiktokenTokenizer(state["name"], ranks)
+            # Checkpoints of ranks that are 0..n-1 store only the tokens, in rank order.
+            values = state.get("rank_values") or range(len(state["ranks"]))
+            tokens = [base64.b64decode(tok) for tok in state["ranks"]]
+            return TiktokenTokenizer(state["name"], dict(zip(tokens, values, strict=True)))
         return TiktokenTokenizer(state["name"])
     raise LmlabError(f"unknown tokenizer kind {kind!r} in checkpoint")
 
