@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shlex
 import time
 from collections.abc import Collection, Iterable
@@ -27,6 +28,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 JOB_DIRNAME_RESOLVER = "lmlab.job_dirname"
+RUN_ID_RESOLVER = "lmlab.run_id"
 # How the sweeping process tells its jobs which keys vary. An environment variable reaches
 # every launcher's jobs: this process's, joblib and submitit children, sbatch's (which
 # exports the environment by default).
@@ -109,11 +111,30 @@ def _job_dirname_resolver(num: Any, overrides: Any, exclude: Any = ()) -> str:
     return job_dirname(int(num), overrides or (), exclude or (), swept)
 
 
+_run_id: str | None = None
+
+
+def run_id() -> str:
+    """Six random hex digits, drawn once per process: the suffix that keeps two runs started
+    in the same second (on this machine or another one sharing the file system) out of each
+    other's run directory. Random rather than the pid: pids repeat across machines."""
+    global _run_id
+    if _run_id is None:
+        _run_id = secrets.token_hex(3)
+    return _run_id
+
+
 def register_resolvers() -> None:
-    """`${lmlab.job_dirname:...}` names sweep jobs (conf/hydra/default.yaml). Joblib and
-    submitit workers resolve it too: they import this module with the task function."""
+    """`${lmlab.job_dirname:...}` names sweep jobs, `${lmlab.run_id:}` keeps runs apart
+    (conf/hydra/default.yaml). Joblib and submitit workers resolve them too: they import this
+    module with the task function."""
     if not OmegaConf.has_resolver(JOB_DIRNAME_RESOLVER):
         OmegaConf.register_new_resolver(JOB_DIRNAME_RESOLVER, _job_dirname_resolver)
+    if not OmegaConf.has_resolver(RUN_ID_RESOLVER):
+        # Cached in the config, and Hydra carries that cache into the configs of sweep jobs,
+        # pickled ones too (joblib, submitit): the jobs of a sweep all find its directory,
+        # even in a worker process whose own run_id() differs.
+        OmegaConf.register_new_resolver(RUN_ID_RESOLVER, run_id, use_cache=True)
 
 
 @dataclass
