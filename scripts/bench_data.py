@@ -120,7 +120,7 @@ def bench_tokenization(size_mb: float = 100, tutorial_mb: float = 10) -> dict[st
         tokenizer = fit_char_vocabulary(path, "NFC")
         sink = TokenSink(token_dtype(tokenizer.vocab_size))
         encode_plain_text(path, tokenizer, sink, "NFC")
-        ids = sink.finish()
+        (ids,) = sink.finish()
         figures["char_ours_mb_s"] = round(size / (time.perf_counter() - started), 1)
         figures["char_ours_note"] = "read + NFC + vocabulary pass + encode + write, whole file"
 
@@ -154,7 +154,7 @@ def bench_tokenization(size_mb: float = 100, tutorial_mb: float = 10) -> dict[st
         started = time.perf_counter()
         sink = TokenSink(token_dtype(bpe.vocab_size))
         encode_plain_text(path, bpe, sink, "NFC")
-        num_tokens = len(sink.finish())
+        num_tokens = len(sink.finish()[0])
         figures["bpe_ours_mb_s"] = round(size / (time.perf_counter() - started), 1)
         figures["bpe_threads"] = os.cpu_count()
         figures["bpe_tokens"] = num_tokens

@@ -20,24 +20,36 @@ def make_dm(path: Path, **kwargs) -> TextDataModule:
     return dm
 
 
-def test_split_is_nine_to_one_by_position(tiny_corpus: Path):
+def cut_after_nearest_newline(text: str, fraction: float) -> int:
+    """Where a single-document ASCII text is split: after the line break nearest the fraction."""
+    target = int(len(text) * fraction)
+    return min((i + 1 for i, c in enumerate(text) if c == "\n"), key=lambda c: abs(c - target))
+
+
+def test_a_single_text_is_split_nine_to_one_at_a_line_break(tiny_corpus: Path):
     dm = make_dm(tiny_corpus)
-    n = len(TINY_TEXT)
-    assert len(dm.train_stream) == int(n * 0.9)
-    assert len(dm.train_stream) + len(dm.val_stream) == n
-    assert (
-        dm.train_stream.dtype == torch.uint8
-    )  # one byte a character: compact on disk and in memory
-    joined = torch.cat([dm.train_stream, dm.val_stream]).tolist()
-    assert dm.tokenizer.decode(joined) == TINY_TEXT
+    cut = cut_after_nearest_newline(TINY_TEXT, 0.9)
+    assert dm.tokenizer.decode(dm.train_stream.tolist()) == TINY_TEXT[:cut]
+    assert dm.tokenizer.decode(dm.val_stream.tolist()) == TINY_TEXT[cut:]
+    assert abs(cut - 0.9 * len(TINY_TEXT)) < 60  # a line of this text is shorter
+    # one byte a character: compact on disk and in memory
+    assert dm.train_stream.dtype == torch.uint8
     assert dm.vocab_size == len(set(TINY_TEXT))
+    assert dm.part_summary()["val"] == {
+        "documents": 1,
+        "characters": len(TINY_TEXT) - cut,
+        "bytes": len(TINY_TEXT) - cut,
+        "tokens": len(TINY_TEXT) - cut,
+    }
 
 
 def test_train_fraction_is_configurable_and_checked(tiny_corpus: Path):
     dm = make_dm(tiny_corpus, train_fraction=0.5)
-    assert len(dm.train_stream) == len(TINY_TEXT) // 2
+    assert len(dm.train_stream) == cut_after_nearest_newline(TINY_TEXT, 0.5)
     with pytest.raises(LmlabError, match="train_fraction must be between 0 and 1"):
         TextDataModule(path=str(tiny_corpus), train_fraction=1.0)
+    with pytest.raises(LmlabError, match="test_fraction must be at least 0"):
+        TextDataModule(path=str(tiny_corpus), train_fraction=0.9, test_fraction=0.1)
 
 
 def test_random_blocks_have_targets_shifted_by_one(tiny_corpus: Path):
@@ -138,8 +150,10 @@ def test_bpe_verdict_has_gpt2_vocab_and_fewer_tokens_than_characters():
     dm = TextDataModule(corpus="verdict", tokenizer="gpt2", data_dir=str(data_dir()), block_size=32)
     dm.setup("fit")
     assert dm.vocab_size == 50257
-    assert 0.15 < dm.val_tokens_per_char < 0.4  # English BPE: about 4 characters per token
-    assert dm.bpc_factor == pytest.approx(dm.val_tokens_per_char / math.log(2))
+    val = dm.parts["val"]
+    assert 0.15 < val.tokens / val.characters < 0.4  # English BPE: about 4 characters a token
+    assert dm.bpc_factor == pytest.approx(val.tokens / val.characters / math.log(2))
+    assert dm.bpb_factor == pytest.approx(val.tokens / val.bytes / math.log(2))
 
 
 @needs_corpus("nsmc_ratings_train.txt")

@@ -1,6 +1,13 @@
 from __future__ import annotations
 
+import errno
+import io
+import json
 import logging
+import os
+import stat
+import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -9,11 +16,11 @@ import pytest
 import torch
 from conftest import TINY_TEXT, needs_tiktoken
 
-from lmlab.data import streaming, token_stream
+from lmlab.data import streaming, token_cache, token_stream
 from lmlab.data.corpus import read_documents, read_text_chunks
 from lmlab.data.datamodule import TextDataModule
 from lmlab.data.streaming import encode_plain_text, fit_char_vocabulary
-from lmlab.data.token_cache import TokenSink
+from lmlab.data.token_cache import TokenCache, TokenSink
 from lmlab.data.tokenizers import CharTokenizer, build_tokenizer
 
 # Hangul (3 bytes each, in NFD: 2-3 jamo per syllable), CRLF, blank-line runs, digits, a
@@ -59,7 +66,7 @@ def test_second_setup_loads_the_cache_without_tokenizing(
     assert "loaded from cache" in caplog.text
     assert stream(second) == stream(first)
     assert second.tokenizer.itos == first.tokenizer.itos
-    assert second.val_tokens_per_char == first.val_tokens_per_char
+    assert second.parts == first.parts
 
 
 def test_cached_and_fresh_tokenization_are_identical(tiny_corpus, tmp_path):
@@ -82,11 +89,13 @@ def test_changed_content_or_settings_give_a_new_key(tiny_corpus, tmp_path, monke
     assert len(entries(tmp_path, "bin")) == 2
     make_dm(tiny_corpus, tmp_path, normalize=None)
     assert len(entries(tmp_path, "bin")) == 3
-    # sampling=documents shuffles before joining: its own entry, one per split seed
+    # documents are shuffled before the split: an entry per split seed, and per split
     kwargs = dict(split_lines=True, sampling="documents", block_size=4)
     make_dm(tiny_corpus, tmp_path, **kwargs)
     make_dm(tiny_corpus, tmp_path, split_seed=7, **kwargs)
     assert len(entries(tmp_path, "bin")) == 5
+    make_dm(tiny_corpus, tmp_path, train_fraction=0.8)
+    assert len(entries(tmp_path, "bin")) == 6
 
 
 @needs_tiktoken()
@@ -99,7 +108,7 @@ def test_bpe_stream_is_cached_with_its_character_count(tiny_corpus, tmp_path, mo
     monkeypatch.setattr(token_stream, "encode_plain_text", pytest.fail)
     second = make_dm(tiny_corpus, tmp_path, tokenizer="gpt2", block_size=8)
     assert stream(second) == stream(first) == stream(fresh)
-    assert second.val_tokens_per_char == pytest.approx(fresh.val_tokens_per_char)
+    assert second.parts == fresh.parts
     monkeypatch.undo()
     make_dm(tiny_corpus, tmp_path, tokenizer="cl100k_base", block_size=8)
     assert len(entries(tmp_path, "bin")) == 2  # another tokenizer, another key
@@ -128,7 +137,7 @@ def test_streamed_char_tokens_equal_whole_text_tokens(tmp_path, chunk_bytes):
     assert "한" in tokenizer.stoi and "\u1112" not in tokenizer.stoi  # syllables, not jamo
     sink = TokenSink(np.dtype(np.uint16))
     encode_plain_text(path, tokenizer, sink, "NFC", chunk_bytes=chunk_bytes)
-    assert sink.finish().tolist() == reference.encode(text).tolist()
+    assert sink.finish()[0].tolist() == reference.encode(text).tolist()
 
 
 @needs_tiktoken()
@@ -141,7 +150,7 @@ def test_streamed_bpe_tokens_equal_whole_text_tokens(tmp_path, encoding, chunk_b
     tokenizer = build_tokenizer(encoding)
     sink = TokenSink(np.dtype(np.uint32))
     encode_plain_text(path, tokenizer, sink, "NFC", chunk_bytes=chunk_bytes)
-    assert sink.finish().tolist() == tokenizer.encoding.encode_ordinary(text)
+    assert sink.finish()[0].tolist() == tokenizer.encoding.encode_ordinary(text)
 
 
 def test_read_only_cache_dir_falls_back_with_a_warning(tiny_corpus, tmp_path, caplog):
@@ -158,12 +167,13 @@ def test_stale_or_partial_files_are_never_trusted(tiny_corpus, tmp_path):
     (bin_path,) = entries(tmp_path, "bin")
     meta_path = bin_path.with_suffix(".json")
     # a killed run's temporary file, and a truncated entry (new files: the old ones are mapped)
-    (tmp_path / f"{bin_path.name}.x1y2.tmp").write_bytes(b"\xff" * 10)
+    (tmp_path / f"{bin_path.name}.otherhost.1.x1y2.tmp").write_bytes(b"\xff" * 10)
     truncated = bin_path.read_bytes()[:100]
     bin_path.unlink()
     bin_path.write_bytes(truncated)
     assert stream(make_dm(tiny_corpus, tmp_path)) == expected
     assert bin_path.stat().st_size == len(TINY_TEXT)  # rewritten whole (uint8)
+    assert len(list(tmp_path.glob("*.tmp"))) == 1  # another host's file: not ours to judge
     # a .bin without its sidecar (killed between the two renames) is tokenized again
     meta_path.unlink()
     bin_path.unlink()
@@ -182,3 +192,85 @@ def test_failed_tokenization_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="byte 200"):
         make_dm(path, cache)
     assert entries(cache) == []
+
+
+def test_a_damaged_entry_is_rebuilt_and_the_log_says_so(tiny_corpus, tmp_path, caplog):
+    expected = stream(make_dm(tiny_corpus, tmp_path))
+    (bin_path,) = entries(tmp_path, "bin")
+    damaged = bytearray(bin_path.read_bytes())
+    damaged[100:104] = bytes([damaged[100] ^ 1, 0, 0, 0])  # same size, other tokens
+    bin_path.unlink()  # a new file: the old one may still be mapped
+    bin_path.write_bytes(bytes(damaged))
+    with caplog.at_level(logging.WARNING, logger="lmlab"):
+        rebuilt = make_dm(tiny_corpus, tmp_path)
+    assert "is damaged" in caplog.text and "CRC-32" in caplog.text
+    assert stream(rebuilt) == expected
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lmlab"):
+        assert stream(make_dm(tiny_corpus, tmp_path)) == expected
+    assert "loaded from cache" in caplog.text and "is damaged" not in caplog.text
+
+
+def test_a_foreign_sidecar_is_not_trusted(tiny_corpus, tmp_path, caplog):
+    expected = stream(make_dm(tiny_corpus, tmp_path))
+    (meta_path,) = entries(tmp_path, "json")
+    meta = json.loads(meta_path.read_text())
+    meta["key"] = "0" * 20
+    meta_path.write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="lmlab"):
+        assert stream(make_dm(tiny_corpus, tmp_path)) == expected
+    assert "another corpus or settings" in caplog.text
+
+
+def test_cache_files_get_the_usual_mode(tiny_corpus, tmp_path):
+    old = os.umask(0o022)
+    try:
+        make_dm(tiny_corpus, tmp_path / "tokens")
+    finally:
+        os.umask(old)
+    modes = {p.suffix: stat.S_IMODE(p.stat().st_mode) for p in entries(tmp_path / "tokens")}
+    assert modes == {".bin": 0o644, ".json": 0o644}  # other users of a shared cache read them
+
+
+def test_a_full_disk_means_tokenizing_without_the_cache(tiny_corpus, tmp_path, monkeypatch, caplog):
+    class FullDisk(io.RawIOBase):
+        def __init__(self, file):
+            self.file = file
+            self.name = file.name
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            self.file.close()
+
+    real_sink = TokenCache.sink
+
+    def sink_on_a_full_disk(self, dtype):
+        sink = real_sink(self, dtype)
+        sink.file = FullDisk(sink.file)
+        return sink
+
+    expected = stream(make_dm(tiny_corpus, None))
+    monkeypatch.setattr(TokenCache, "sink", sink_on_a_full_disk)
+    with caplog.at_level(logging.WARNING, logger="lmlab"):
+        dm = make_dm(tiny_corpus, tmp_path / "tokens")
+    assert "No space left on device" in caplog.text and "without a cache" in caplog.text
+    assert stream(dm) == expected
+    assert list((tmp_path / "tokens").iterdir()) == []  # no entry, no temporary file
+
+
+def test_temporaries_of_finished_processes_are_removed(tiny_corpus, tmp_path):
+    make_dm(tiny_corpus, tmp_path)
+    (bin_path,) = entries(tmp_path, "bin")
+    bin_path.with_suffix(".json").unlink()  # force a rebuild, which cleans up first
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    host = token_cache._host()
+    dead = tmp_path / f"{bin_path.name}.{host}.{ended.pid}.aaaaaa.tmp"
+    alive = tmp_path / f"{bin_path.name}.{host}.{os.getpid()}.bbbbbb.tmp"
+    for tmp in (dead, alive):
+        tmp.write_bytes(b"\x00" * 10)
+    make_dm(tiny_corpus, tmp_path)
+    assert not dead.exists()  # its writer is gone: a killed run's leftover
+    assert alive.exists()  # a writer still running (here: this process) keeps its file

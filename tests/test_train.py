@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from pathlib import Path
 
 import hydra
 import pytest
 import torch
-from conftest import compose_train, needs_corpus, needs_tiktoken, run_lmlab
+from conftest import TINY_TEXT, compose_train, needs_corpus, needs_tiktoken, run_lmlab
 from hydra import compose, initialize_config_module
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -72,10 +73,18 @@ def test_tiny_run_writes_the_run_directory(tiny_train_cfg):
     events = EventAccumulator(str(run))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "val/loss", "val/bpc", "val/ppl", "train/lr"} <= tags
+    assert {"train/loss", "val/loss", "val/bpc", "val/bpb", "val/ppl", "train/lr"} <= tags
     assert "train/tokens_per_sec" in tags
-    # Lightning numbers logged steps from 0: the validations after steps 10 and 20
-    assert [e.step for e in events.Scalars("val/loss")] == [9, 19]
+    # the validation before the first step, then (Lightning numbers logged steps from 0)
+    # the validations after steps 10 and 20
+    val_loss = events.Scalars("val/loss")
+    assert [e.step for e in val_loss] == [0, 9, 19]
+    vocab_size = len(set(TINY_TEXT))
+    assert abs(val_loss[0].value - math.log(vocab_size)) < 0.05  # an untrained bigram: ln V
+    # what was scored: both parts of the tiny corpus, characters = bytes = tokens (ASCII)
+    parts = summary["data"]
+    assert parts["train"]["characters"] + parts["val"]["characters"] == len(TINY_TEXT)
+    assert parts["val"]["bytes"] == parts["val"]["tokens"] == parts["val"]["characters"]
     assert "samples" in " ".join(events.Tags()["tensors"])
 
     assert (run / "checkpoints" / "last.ckpt").is_file()

@@ -101,6 +101,7 @@ class RunSummary(L.Callback):
             "last": self.last,
             "val/loss": self.best.get("val/loss"),
             "val/bpc": self.best.get("val/bpc"),
+            "val/bpb": self.best.get("val/bpb"),
             "num_params": sum(p.numel() for p in pl_module.parameters()),
             "steps": trainer.global_step,
             "tokens_per_sec": throughput.mean_tokens_per_sec if throughput else None,

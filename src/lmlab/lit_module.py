@@ -34,6 +34,8 @@ class LanguageModel(L.LightningModule):
         bpc_factor: float = 1.0 / math.log(2),
         compile: bool = False,
         data_fingerprint: dict[str, Any] | None = None,
+        bpb_factor: float | None = None,
+        data_config: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -41,6 +43,11 @@ class LanguageModel(L.LightningModule):
         if compile:
             self.model.compile()  # in place: state_dict keys stay those of the plain model
         self.val_loss = MeanMetric()
+        self.eval_loss = MeanMetric()
+        # what trainer.test scores: the name its metrics are logged under, and the (bpc, bpb)
+        # factors of that text (set by lmlab-train's test=true and by lmlab-eval)
+        self.eval_part = "test"
+        self.eval_factors: tuple[float, float] | None = None
         # training loss since the last logged step (a buffer: follows the module's device)
         self.register_buffer("interval_loss", torch.zeros(()), persistent=False)
         self.interval_steps = 0
@@ -79,7 +86,25 @@ class LanguageModel(L.LightningModule):
         # equal on every process already; sync_dist tells Lightning so (one tiny all-reduce)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/bpc", loss * self.hparams.bpc_factor, sync_dist=True)
+        if self.hparams.bpb_factor is not None:
+            self.log("val/bpb", loss * self.hparams.bpb_factor, sync_dist=True)
         self.log("val/ppl", torch.exp(loss), sync_dist=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.eval_loss.update(lm_loss(self(x), y), weight=(y != IGNORE_INDEX).sum())
+
+    def on_test_epoch_end(self) -> None:
+        if self.eval_factors is None:
+            raise RuntimeError("set eval_factors (bpc, bpb) of the text before trainer.test")
+        loss = self.eval_loss.compute()
+        self.eval_loss.reset()
+        bpc, bpb = self.eval_factors
+        part = self.eval_part
+        self.log(f"{part}/loss", loss, sync_dist=True)
+        self.log(f"{part}/bpc", loss * bpc, sync_dist=True)
+        self.log(f"{part}/bpb", loss * bpb, sync_dist=True)
+        self.log(f"{part}/ppl", torch.exp(loss), sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Dropout draws from the global generator: saving its state makes a resumed run draw

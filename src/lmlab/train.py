@@ -43,8 +43,11 @@ register_resolvers()
 TRAINING_KEYS = ("name", "compile", "optimizer", "scheduler")
 
 
-def build_lit_module(model_cfg: DictConfig, datamodule: Any) -> LanguageModel:
-    """The vocabulary size and tokenizer come from the data, never from a hand-typed config."""
+def build_lit_module(
+    model_cfg: DictConfig, datamodule: Any, data_cfg: DictConfig | None = None
+) -> LanguageModel:
+    """The vocabulary size and tokenizer come from the data, never from a hand-typed config.
+    `data_cfg` is kept in the checkpoint, so that lmlab-eval can find the same text parts."""
     cfg = OmegaConf.to_container(model_cfg, resolve=True)
     hparams = {k: v for k, v in cfg.items() if k not in TRAINING_KEYS}
     hparams["vocab_size"] = datamodule.vocab_size
@@ -57,8 +60,10 @@ def build_lit_module(model_cfg: DictConfig, datamodule: Any) -> LanguageModel:
         scheduler=cfg.get("scheduler"),
         tokenizer_state=datamodule.tokenizer.state(),
         bpc_factor=datamodule.bpc_factor,
+        bpb_factor=datamodule.bpb_factor,
         compile=bool(cfg.get("compile", False)),
         data_fingerprint=data_fingerprint(datamodule.train_stream, datamodule.val_stream),
+        data_config=OmegaConf.to_container(data_cfg, resolve=True) if data_cfg else None,
     )
 
 
@@ -97,12 +102,23 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    module = build_lit_module(cfg.model, datamodule)
+    module = build_lit_module(cfg.model, datamodule, cfg.data)
     check_block_size(module.model, datamodule.block_size)  # before anything is written
+    if cfg.get("test") and datamodule.test_stream is None:
+        raise LmlabError(
+            "test=true needs a test part: set data.test_fraction (e.g. data.test_fraction=0.1)"
+        )
+    for name, part in datamodule.part_summary().items():
+        log.info(
+            "corpus %s: %d documents, %d characters, %d bytes -> %d tokens",
+            name,
+            part["documents"],
+            part["characters"],
+            part["bytes"],
+            part["tokens"],
+        )
     log.info(
-        "corpus: %d train / %d val tokens, vocab %d; model %s: %.2fM parameters",
-        len(datamodule.train_stream),
-        len(datamodule.val_stream),
+        "vocab %d; model %s: %.2fM parameters",
         datamodule.vocab_size,
         cfg.model.name,
         module.num_parameters() / 1e6,
@@ -119,6 +135,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     for lg in trainer.loggers:
         lg.log_hyperparams(hparams)  # hparams.yaml; the full config is in .hydra/config.yaml
     summary = next((c for c in callbacks if isinstance(c, RunSummary)), None)
+    if summary is not None:
+        summary.extra["data"] = datamodule.part_summary()
 
     tune = cfg.get("tune") or {}
     if tune.get("lr_find"):
@@ -129,16 +147,63 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
             summary.extra["lr_find"] = found
 
     _check_resume(cfg.get("ckpt_path"), module)
+    if cfg.get("ckpt_path") is None and cfg.get("val_at_start", True):
+        _validate_at_start(trainer, module, datamodule)
     # weights_only: resuming never runs code pickled into a checkpoint
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     if summary is None:
         return {}
     if summary.last.get("step") != trainer.global_step and not trainer.fast_dev_run:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the final estimate
+    if cfg.get("test"):
+        summary.extra.update(_test(trainer, module, datamodule))
+        summary.write(trainer, module)
     log_final_hparams(
         trainer.loggers, hparams, hparam_metrics(summary.summary), trainer.global_step
     )
     return summary.summary
+
+
+def _validate_at_start(trainer: L.Trainer, module: LanguageModel, datamodule: Any) -> None:
+    """val/loss at step 0, against the loss of a uniform guess, ln V: a freshly initialised
+    model should score close to it, and one far above it starts out confidently wrong."""
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    # the metric's state was reset under inference mode; fit validates outside it, where
+    # such a tensor cannot be updated in place: reset it here, as a plain tensor
+    module.val_loss.reset()
+    loss = trainer.callback_metrics.get("val/loss")
+    if loss is not None and trainer.is_global_zero:
+        uniform = math.log(datamodule.vocab_size)
+        log.info(
+            "step 0: val/loss %.4f; a uniform guess over %d tokens scores %.4f",
+            float(loss),
+            datamodule.vocab_size,
+            uniform,
+        )
+
+
+def _test(trainer: L.Trainer, module: LanguageModel, datamodule: Any) -> dict[str, Any]:
+    """Score the held-out test part once, with the checkpoint that validation selected (the
+    test figure never selects anything); test/* scalars go to the loggers too."""
+    checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+    module.eval_part = "test"
+    module.eval_factors = datamodule.factors("test")
+    trainer.test(
+        module,
+        dataloaders=datamodule.test_dataloader(),
+        ckpt_path=checkpoint,
+        verbose=False,
+        weights_only=True,
+    )
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    log.info(
+        "test: loss %.4f, bpc %.4f, bpb %.4f (%s)",
+        metrics["test/loss"],
+        metrics["test/bpc"],
+        metrics["test/bpb"],
+        checkpoint or "the final weights",
+    )
+    return {**metrics, "test_checkpoint": checkpoint}
 
 
 def optimized_value(summary: dict[str, Any], metric: str) -> float | None:
@@ -190,7 +255,13 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     print(f"run directory: {output_dir}")
     if last:
         loss, bpc, step = last["val/loss"], last["val/bpc"], last["step"]
-        print(f"final val/loss {loss:.4f}, val/bpc {bpc:.4f} (step {step})")
+        bpb = f", val/bpb {last['val/bpb']:.4f}" if "val/bpb" in last else ""
+        print(f"final val/loss {loss:.4f}, val/bpc {bpc:.4f}{bpb} (step {step})")
+        if "test/loss" in summary:
+            print(
+                f"test/loss {summary['test/loss']:.4f}, test/bpc {summary['test/bpc']:.4f}, "
+                f"test/bpb {summary['test/bpb']:.4f}"
+            )
     return optimized_value(summary, cfg.get("optimized_metric") or "val/bpc")
 
 

@@ -1,4 +1,4 @@
-"""The LightningDataModule: corpus -> tokens -> 9:1 split -> training examples."""
+"""The LightningDataModule: corpus -> text split 9:1 (or train/val/test) -> tokens -> examples."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
@@ -18,7 +17,7 @@ from lmlab.data.samplers import (
     WindowBatchSampler,
     shard,
 )
-from lmlab.data.token_stream import TokenSettings, tokenize_corpus
+from lmlab.data.token_stream import PartStats, TokenSettings, tokenize_corpus
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
 
@@ -39,6 +38,8 @@ class TextDataModule(L.LightningDataModule):
         sampling: str = "random",
         stride: int | None = None,
         train_fraction: float = 0.9,
+        test_fraction: float = 0.0,
+        quoting: str = "auto",
         samples_per_epoch: int = 32_000,
         split_seed: int = 42,
         data_dir: str = "data",
@@ -54,6 +55,11 @@ class TextDataModule(L.LightningDataModule):
         if not 0.0 < train_fraction < 1.0:
             raise LmlabError(
                 f"data.train_fraction must be between 0 and 1 (exclusive), got {train_fraction}"
+            )
+        if not 0.0 <= test_fraction < 1.0 - train_fraction:
+            raise LmlabError(
+                f"data.test_fraction must be at least 0 and leave some text to validate "
+                f"(below 1 - data.train_fraction = {1 - train_fraction:.3g}), got {test_fraction}"
             )
         if sampling not in SAMPLINGS:
             raise LmlabError(f"data.sampling must be one of {SAMPLINGS}, got {sampling!r}")
@@ -71,6 +77,8 @@ class TextDataModule(L.LightningDataModule):
         self.sampling = sampling
         self.stride = stride or block_size
         self.train_fraction = train_fraction
+        self.test_fraction = test_fraction
+        self.quoting = quoting
         self.samples_per_epoch = samples_per_epoch
         self.split_seed = split_seed
         self.data_dir = data_dir
@@ -82,9 +90,10 @@ class TextDataModule(L.LightningDataModule):
         self.tokenizer: Tokenizer | None = None
         self.train_stream: torch.Tensor | None = None
         self.val_stream: torch.Tensor | None = None
-        self.train_documents: list[torch.Tensor] = []
-        self.val_documents: list[torch.Tensor] = []
-        self.val_tokens_per_char = 1.0
+        self.test_stream: torch.Tensor | None = None
+        self.documents: dict[str, list[torch.Tensor]] = {}
+        # documents, characters, UTF-8 bytes and tokens of each part: what was scored
+        self.parts: dict[str, PartStats] = {}
 
     # -- corpus -------------------------------------------------------------------------------
     def corpus_path(self) -> Path:
@@ -95,49 +104,48 @@ class TextDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         self.corpus_path()  # downloads a built-in corpus once, on one process
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_stream is not None:
-            return
-        path = self.corpus_path()
+    def token_settings(self) -> TokenSettings:
         text_field = self.text_field
         if text_field is None and self.path is None:
             text_field = BUILTIN_CORPORA[self.corpus].text_field
-        settings = TokenSettings(
+        return TokenSettings(
             tokenizer=self.tokenizer_spec,
             text_field=text_field,
             split_lines=self.split_lines,
+            quoting=self.quoting,
             normalize=self.normalize,
             encoding_errors=self.encoding_errors,
-            shuffle_seed=self.split_seed if self.sampling == "documents" else None,
+            train_fraction=self.train_fraction,
+            test_fraction=self.test_fraction,
+            split_seed=self.split_seed,
         )
-        tokens = tokenize_corpus(path, settings, self.cache_dir)
-        ids, tokenizer = tokens.ids, tokens.tokenizer
-        split = int(len(ids) * self.train_fraction)
-        if self.sampling == "documents":
-            self._split_documents(ids, tokenizer.boundary_id, tokens.num_documents)
-            split = sum(len(d) + 1 for d in self.train_documents)
-        self.tokenizer = tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_stream is not None:
+            return
+        tokens = tokenize_corpus(self.corpus_path(), self.token_settings(), self.cache_dir)
+        self.tokenizer = tokens.tokenizer
+        self.parts = tokens.parts
         # Views of the memory-mapped stream (uint8/16/32): batches are gathered from it and
         # made long there, so a big corpus is never held in memory as int64.
-        self.train_stream = torch.from_numpy(ids[:split])
-        self.val_stream = torch.from_numpy(ids[split:])
-        self.val_tokens_per_char = len(self.val_stream) / max(tokens.characters(split), 1)
+        streams = {name: torch.from_numpy(tokens.part(name)) for name in tokens.parts}
+        self.train_stream, self.val_stream = streams["train"], streams["val"]
+        self.test_stream = streams.get("test")
+        if self.sampling == "documents":
+            self.documents = {
+                name: [torch.from_numpy(d) for d in tokens.documents(name)] for name in streams
+            }
         # Built here, once: a corpus too short for one block fails now, with its message.
         self.train_dataset = self._train_dataset()
-        self.val_dataset = self._val_dataset()
+        self.val_dataset = self._eval_dataset("val")
 
-    def _split_documents(self, ids: np.ndarray, boundary_id: int, num_documents: int) -> None:
-        """Cut the joined stream back into documents and give the first 90% to training."""
-        cuts = np.flatnonzero(ids == boundary_id)
-        pieces = [torch.from_numpy(p) for p in np.split(ids, cuts)]
-        pieces = [pieces[0]] + [p[1:] for p in pieces[1:]]  # drop the boundary itself
-        n_train = int(num_documents * self.train_fraction)
-        if n_train == 0 or n_train == len(pieces):
-            raise LmlabError(
-                f"{num_documents} document(s) cannot be split {self.train_fraction:.0%} / "
-                f"{1 - self.train_fraction:.0%}; use a corpus with more documents"
-            )
-        self.train_documents, self.val_documents = pieces[:n_train], pieces[n_train:]
+    @property
+    def train_documents(self) -> list[torch.Tensor]:
+        return self.documents.get("train", [])
+
+    @property
+    def val_documents(self) -> list[torch.Tensor]:
+        return self.documents.get("val", [])
 
     # -- what the model needs to know -----------------------------------------------------------
     @property
@@ -150,10 +158,26 @@ class TextDataModule(L.LightningDataModule):
     def boundary_id(self) -> int:
         return self.tokenizer.boundary_id
 
+    def factors(self, part: str = "val") -> tuple[float, float]:
+        """(bpc, bpb) = loss * factor: nats -> bits, tokens -> characters or UTF-8 bytes of
+        the part's text (the same text for every tokenizer)."""
+        stats = self.parts[part]
+        bits_per_token = stats.tokens / math.log(2)
+        return bits_per_token / max(stats.characters, 1), bits_per_token / max(stats.bytes, 1)
+
     @property
     def bpc_factor(self) -> float:
-        """val/bpc = val/loss * bpc_factor: nats -> bits, tokens -> characters."""
-        return self.val_tokens_per_char / math.log(2)
+        """val/bpc = val/loss * bpc_factor."""
+        return self.factors("val")[0]
+
+    @property
+    def bpb_factor(self) -> float:
+        """val/bpb = val/loss * bpb_factor."""
+        return self.factors("val")[1]
+
+    def part_summary(self) -> dict[str, dict[str, int]]:
+        """For metrics.json and the log: what each part holds."""
+        return {name: stats.public() for name, stats in self.parts.items()}
 
     # -- datasets and loaders ---------------------------------------------------------------------
     def _train_dataset(self):
@@ -166,12 +190,14 @@ class TextDataModule(L.LightningDataModule):
             )
         return SlidingWindows(self.train_stream, self.block_size, self.stride)
 
-    def _val_dataset(self):
+    def _eval_dataset(self, part: str):
         if self.sampling == "documents":
-            return DocumentWindows(self.val_documents, self.block_size, self.boundary_id)
-        # The whole validation split in non-overlapping windows: the same, exact estimate at
-        # every evaluation (a random-block estimate has the same expectation, more noise).
-        return SlidingWindows(self.val_stream, self.block_size, self.block_size, "validation")
+            return DocumentWindows(self.documents[part], self.block_size, self.boundary_id)
+        # The whole part in non-overlapping windows: the same, exact estimate at every
+        # evaluation (a random-block estimate has the same expectation, more noise).
+        stream = {"val": self.val_stream, "test": self.test_stream}[part]
+        name = {"val": "validation", "test": "test"}[part]
+        return SlidingWindows(stream, self.block_size, self.block_size, name)
 
     def _distribution(self) -> tuple[int, int]:
         """(rank, world size) of the trainer this module serves; (0, 1) outside a trainer."""
@@ -220,8 +246,22 @@ class TextDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_dataset)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_stream is None:
+            raise LmlabError(
+                "this corpus has no test part: set data.test_fraction (e.g. 0.1) to hold one out"
+            )
+        return self._eval_loader(self._eval_dataset("test"))
+
+    def _eval_loader(self, dataset) -> DataLoader:
         rank, world_size = self._distribution()
-        dataset = self.val_dataset
-        if world_size > 1:  # each process scores its share; val/loss is reduced across them
+        if world_size > 1:  # each process scores its share; the loss is reduced across them
             dataset = Subset(dataset, shard(len(dataset), rank, world_size))
-        return DataLoader(dataset, batch_size=self.val_batch_size, shuffle=False)
+        # its own generator: iterating a loader draws a seed, which must not move the global
+        # generator that dropout draws from (a step-0 validation would change training)
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            dataset, batch_size=self.val_batch_size, shuffle=False, generator=generator
+        )

@@ -41,24 +41,31 @@ def encode_plain_text(
     sink: TokenSink,
     normalize: str | None,
     encoding_errors: str = "strict",
+    start: int = 0,
+    end: int | None = None,
     chunk_bytes: int | None = None,
-) -> None:
-    """Append the tokens of the whole file to `sink` (one document: no boundary tokens)."""
+) -> tuple[int, int]:
+    """Append the tokens of bytes [start, end) of the file to `sink` (one document: no
+    boundary tokens); return the characters and UTF-8 bytes of the text tokenized."""
     bpe = isinstance(tokenizer, TiktokenTokenizer)
     chunk_bytes = chunk_bytes or (BPE_CHUNK_BYTES if bpe else CHAR_CHUNK_BYTES)
-    chunks = _normalized_chunks(path, chunk_bytes, normalize, encoding_errors, "tokens")
-    if not bpe:
-        for text in chunks:
-            sink.append(tokenizer.encode(text, dtype=sink.dtype))
-        return
+    chunks = _normalized_chunks(path, chunk_bytes, normalize, encoding_errors, "tokens", start, end)
+    characters = nbytes = 0
     threads = os.cpu_count() or 1
     batch: list[str] = []
     for text in chunks:
+        characters += len(text)
+        nbytes += len(text.encode("utf-8"))
+        if not bpe:
+            sink.append(tokenizer.encode(text, dtype=sink.dtype))
+            continue
         batch.append(text)
         if len(batch) == threads:
             _encode_batch(tokenizer, batch, sink, threads)
             batch = []
-    _encode_batch(tokenizer, batch, sink, threads)
+    if bpe:
+        _encode_batch(tokenizer, batch, sink, threads)
+    return characters, nbytes
 
 
 def _encode_batch(
@@ -69,21 +76,27 @@ def _encode_batch(
 
 
 def _normalized_chunks(
-    path: Path, chunk_bytes: int, normalize: str | None, encoding_errors: str, what: str
+    path: Path,
+    chunk_bytes: int,
+    normalize: str | None,
+    encoding_errors: str,
+    what: str,
+    start: int = 0,
+    end: int | None = None,
 ) -> Iterator[str]:
     from tqdm import tqdm
 
-    size = path.stat().st_size
+    end = path.stat().st_size if end is None else end
     with tqdm(
-        total=size,
+        total=end - start,
         unit="B",
         unit_scale=True,
         desc=f"{path.name}: {what}",
-        disable=size < PROGRESS_BYTES,
+        disable=end - start < PROGRESS_BYTES,
         mininterval=2.0,  # a few lines in a log file, not thousands
     ) as bar:
-        done = 0
-        for position, text in read_text_chunks(path, chunk_bytes, encoding_errors):
+        done = start
+        for position, text in read_text_chunks(path, chunk_bytes, encoding_errors, start, end):
             bar.update(position - done)
             done = position
             yield unicodedata.normalize(normalize, text) if normalize else text

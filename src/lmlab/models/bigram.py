@@ -45,6 +45,17 @@ class BigramLM(nn.Module):
         else:
             self.token_embedding_table = nn.Embedding(config.vocab_size, rank)
             self.head = nn.Linear(rank, config.vocab_size, bias=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # Logits near zero: the untrained model guesses uniformly and scores ln V, as a model
+        # that knows nothing should. nn.Embedding's N(0, 1) rows score ln V + 1/2 on average
+        # (the tutorial's 4.87 against -ln(1/65) = 4.17): confidently wrong before step one.
+        if self.head is None:
+            nn.init.normal_(self.token_embedding_table.weight, std=0.02)
+        else:  # (V, rank) x (rank, V): unit rows, a head that scales their products to 0.02
+            nn.init.normal_(self.token_embedding_table.weight, std=1.0)
+            nn.init.normal_(self.head.weight, std=0.02 / self.head.in_features**0.5)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         logits = self.token_embedding_table(idx)  # (B, T) -> (B, T, V), or (B, T, rank)
