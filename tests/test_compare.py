@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import random
 import statistics
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lmlab.compare import build_table, collect_runs, main
+from lmlab.compare import build_table, collect_runs, main, table_columns, welch_test
 from lmlab.curves import read_scalars
 
 
@@ -273,3 +275,163 @@ def test_the_command_line_exit_code_is_1_on_error(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "lmlab-compare: error:" in result.stderr and "does not exist" in result.stderr
+
+
+# ----------------------------------------------------------------------------- new metrics
+
+
+def test_test_columns_appear_only_when_a_run_has_them(tmp_path: Path, capsys) -> None:
+    make_run(tmp_path / "old" / "a", ["lr=0.1"], loss=1.0, bpc=1.4)
+    make_run(tmp_path / "old" / "b", ["lr=0.2"], loss=1.1, bpc=1.5)
+    assert main([str(tmp_path / "old")]) == 0
+    printed = capsys.readouterr().out
+    assert "test/" not in printed and "val/bpb" not in printed
+
+    new = tmp_path / "new"
+    make_run(new / "a", ["lr=0.1"], loss=1.0, bpc=1.4, **{"val/bpb": 1.2, "test/bpc": 1.45})
+    make_run(new / "b", ["lr=0.2"], loss=1.1, bpc=1.5, **{"val/bpb": 1.3})
+    rows = build_table(collect_runs([new]))
+    columns = table_columns(rows)
+    assert {"val/bpb", "test/bpc"} <= set(columns)
+    assert "test/loss" not in columns and "test/bpb" not in columns  # no run has them
+    assert [r["test/bpc"] for r in rows] == [1.45, None]
+
+    out = tmp_path / "t.csv"
+    assert main([str(new), "--csv", str(out), "--markdown", str(tmp_path / "t.md")]) == 0
+    assert [r["test/bpc"] for r in csv.DictReader(out.open())] == ["1.45", ""]
+    assert "| val/loss | val/bpc | val/bpb | test/bpc | steps |" in (tmp_path / "t.md").read_text()
+    assert "test/bpc" in capsys.readouterr().out
+
+
+def test_seed_groups_average_the_test_metrics(tmp_path: Path) -> None:
+    for seed, test_bpc in enumerate([1.4, 1.6], start=1):
+        make_run(
+            tmp_path / f"s{seed}", [f"seed={seed}"], loss=1.0, bpc=1.5, **{"test/bpc": test_bpc}
+        )
+    (row,) = build_table(collect_runs([tmp_path]))
+    assert row["test/bpc"] == pytest.approx(1.5)
+    assert row["test/bpc_std"] == pytest.approx(statistics.stdev([1.4, 1.6]))
+
+
+def test_ranking_ignores_test_metrics_unless_asked(tmp_path: Path) -> None:
+    # `lucky` is best on the test part but worse on validation: selecting by test is leakage.
+    make_run(tmp_path / "lucky", ["lr=0.1"], loss=1.0, bpc=1.5, **{"test/bpc": 1.0})
+    make_run(tmp_path / "steady", ["lr=0.2"], loss=1.0, bpc=1.4, **{"test/bpc": 1.6})
+    runs = collect_runs([tmp_path])
+    assert [r["run"] for r in build_table(runs)] == ["steady", "lucky"]
+    assert [r["run"] for r in build_table(runs, metric="test/bpc")] == ["lucky", "steady"]
+
+
+# ----------------------------------------------------------------------------- significance
+
+
+def _t_two_sided_p(t: float, df: float, steps: int = 20_000) -> float:
+    """P(|T| > |t|) for Student's t with `df` degrees of freedom, by Simpson's rule on the
+    density: independent of scipy."""
+    norm = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+
+    def density(x: float) -> float:
+        return norm * (1 + x * x / df) ** (-(df + 1) / 2)
+
+    h = abs(t) / steps
+    inner = sum((4 if i % 2 else 2) * density(i * h) for i in range(1, steps))
+    return 1 - 2 * h / 3 * (density(0.0) + inner + density(abs(t)))
+
+
+def test_welch_test_matches_the_formulas_by_hand() -> None:
+    a, b = [2.33, 2.35, 2.343, 2.338], [2.40, 2.405, 2.399]
+    se2_a, se2_b = statistics.variance(a) / 4, statistics.variance(b) / 3
+    se = math.sqrt(se2_a + se2_b)
+    df = (se2_a + se2_b) ** 2 / (se2_a**2 / 3 + se2_b**2 / 2)  # Welch-Satterthwaite
+    diff = statistics.fmean(a) - statistics.fmean(b)
+
+    result = welch_test(a, b)
+    assert (result.n_a, result.n_b) == (4, 3)
+    assert result.std_a == pytest.approx(statistics.stdev(a))
+    assert result.difference == pytest.approx(diff)
+    assert result.df == pytest.approx(df)
+    assert result.p_value == pytest.approx(_t_two_sided_p(diff / se, df), rel=1e-6)
+    assert result.p_value < 0.05 and result.significant
+    # The interval is centred on the difference, and its half-width is the t quantile that
+    # leaves 5% in the two tails.
+    assert (result.ci_low + result.ci_high) / 2 == pytest.approx(diff)
+    quantile = (result.ci_high - result.ci_low) / 2 / se
+    assert _t_two_sided_p(quantile, df) == pytest.approx(0.05, rel=1e-6)
+    assert result.ci_high < 0  # both ends below zero, as p < 0.05 says
+
+
+def test_welch_test_negative_control_is_within_noise() -> None:
+    same = welch_test([1.0, 1.2, 1.4], [1.4, 1.0, 1.2])  # the same values, reordered
+    assert same.difference == pytest.approx(0.0, abs=1e-12)
+    assert same.p_value == pytest.approx(1.0)
+    assert same.ci_low < 0 < same.ci_high and not same.significant
+
+    rng = random.Random(0)  # two samples drawn from one distribution
+    a, b = ([rng.gauss(2.0, 0.05) for _ in range(5)] for _ in range(2))
+    drawn = welch_test(a, b)
+    assert drawn.p_value > 0.05 and drawn.ci_low < 0 < drawn.ci_high
+
+
+def test_welch_test_with_zero_variance_gives_no_nan() -> None:
+    identical = welch_test([1.5, 1.5, 1.5], [1.5, 1.5])
+    assert identical.p_value is None and identical.df is None and not identical.significant
+    assert (identical.ci_low, identical.ci_high) == (0.0, 0.0)
+    constant = welch_test([1.0, 1.0], [2.0, 2.0])
+    assert constant.p_value is None and (constant.ci_low, constant.ci_high) == (-1.0, -1.0)
+    one_sided = welch_test([1.0, 1.0, 1.0], [1.1, 1.2, 1.3])  # one variance zero: defined
+    assert one_sided.df == pytest.approx(2.0) and 0 < one_sided.p_value < 1
+    with pytest.raises(ValueError, match="at least two values"):
+        welch_test([1.0], [1.0, 2.0])
+
+
+def _seed_sweep(root: Path, settings: dict[str, list[float]]) -> None:
+    for setting, values in settings.items():
+        for seed, bpc in enumerate(values, start=1):
+            make_run(
+                root / f"{setting}_{seed}", [f"model={setting}", f"seed={seed}"], loss=bpc, bpc=bpc
+            )
+
+
+def test_seed_sweeps_of_two_settings_print_the_significance_line(tmp_path: Path, capsys) -> None:
+    _seed_sweep(tmp_path / "runs", {"gpt": [2.33, 2.35, 2.343], "mlp": [2.40, 2.405, 2.399]})
+    report = tmp_path / "report.md"
+    assert main([str(tmp_path / "runs"), "--markdown", str(report)]) == 0
+
+    result = welch_test([2.33, 2.35, 2.343], [2.40, 2.405, 2.399])
+    line = (
+        'best two: "model=gpt" 2.3410 ± 0.0101 (3 seeds) vs "model=mlp" 2.4013 ± 0.0032 '
+        f"(3 seeds): difference -0.0603, 95% CI [{result.ci_low:.4f}, {result.ci_high:.4f}], "
+        f"Welch's t-test p = {result.p_value:.2g}: more than noise (p < 0.05)"
+    )
+    printed = capsys.readouterr().out
+    assert line in printed.splitlines()
+    assert printed.index("┃ rank") < printed.index("best two:")  # after the table
+    assert line in report.read_text().splitlines()
+    assert "*" not in printed  # every row has several seeds: nothing to mark
+
+
+def test_overlapping_seed_sweeps_are_within_noise(tmp_path: Path, capsys) -> None:
+    _seed_sweep(tmp_path, {"gpt": [2.30, 2.40, 2.35], "mlp": [2.36, 2.31, 2.41]})
+    assert main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(": within noise")
+
+
+def test_identical_seed_values_say_so_plainly(tmp_path: Path, capsys) -> None:
+    _seed_sweep(tmp_path, {"gpt": [2.3, 2.3], "mlp": [2.4, 2.4]})
+    assert main([str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "zero variance" in printed and "the t-test is undefined" in printed
+    assert "nan" not in printed.lower()
+
+
+def test_a_single_seed_row_is_marked_and_not_judged(tmp_path: Path, capsys) -> None:
+    _seed_sweep(tmp_path, {"gpt": [2.33, 2.35, 2.343], "mlp": [2.2]})
+    assert main([str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "│ 1* │" in printed and "* single seed" in printed
+    assert (
+        'best two: "model=mlp seed=1" 2.2000 (1 seed) vs "model=gpt" 2.3410 ± 0.0101 (3 seeds): '
+        "difference -0.1410; single-seed rows (marked *) cannot be told from noise: "
+        "sweep seed=1,2,3"
+    ) in printed
+    assert "p =" not in printed

@@ -17,6 +17,7 @@ import os
 import re
 import statistics
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +41,20 @@ METRIC_COLUMNS = {
     "num_params": "params",
     "val/loss": "val/loss",
     "val/bpc": "val/bpc",
+    "val/bpb": "val/bpb",
+    # Held-out test figures, for reporting only: never a default ranking metric.
+    "test/loss": "test/loss",
+    "test/bpc": "test/bpc",
+    "test/bpb": "test/bpb",
     "steps": "steps",
     "tokens_per_sec": "tokens/s",
     "wall_time_sec": "wall time",
 }
 COUNT_KEYS = ("num_params", "steps")
+# Newer metrics that older runs lack (and test/* only with `test=true`): shown when a run has one.
+OPTIONAL_COLUMNS = ("val/bpb", "test/loss", "test/bpc", "test/bpb")
+ALPHA = 0.05  # significance level of the best-two comparison; its CI is 1 - ALPHA
+SINGLE_SEED_MARK = "*"
 # Runs with these statuses have no trustworthy metrics: never grouped, always ranked last.
 BROKEN_STATUSES = ("failed", "unknown")
 ERROR_WIDTH = 80
@@ -370,14 +380,16 @@ def _short_error(error: str | None) -> str | None:
 
 
 def table_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """The row keys worth showing: `n`, `*_std` and `error` only where they say something."""
+    """The row keys worth showing: `n`, `*_std`, `error` and the optional metrics only where
+    they say something."""
     if not rows:
         return []
     columns = []
     for key in rows[0]:
         if key == "n" and all(r["n"] == 1 for r in rows):
             continue
-        if (key.endswith("_std") or key == "error") and all(r[key] is None for r in rows):
+        optional = key.endswith("_std") or key == "error" or key in OPTIONAL_COLUMNS
+        if optional and all(r[key] is None for r in rows):
             continue
         columns.append(key)
     return columns
@@ -386,8 +398,10 @@ def table_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
 # ----------------------------------------------------------------------------- formatting
 
 
-def _format_cell(row: dict[str, Any], key: str) -> str:
+def _format_cell(row: dict[str, Any], key: str, mark_single: bool = False) -> str:
     value = row.get(key)
+    if key == "n" and mark_single and value == 1 and row["rank"] is not None:
+        return f"1{SINGLE_SEED_MARK}"
     if key in ("rank", "n", "run", "status", "error") or not _is_metric_key(row, key):
         return "-" if value in (None, "") else str(value)
     if value is None:
@@ -438,6 +452,12 @@ def _display_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     return [c for c in table_columns(rows) if not c.endswith("_std")]
 
 
+def marks_single_seed(rows: Sequence[dict[str, Any]]) -> bool:
+    """Whether ranked single-run rows get a mark: beside seed means, one run is one draw."""
+    sizes = {r["n"] for r in rows if r["rank"] is not None}
+    return 1 in sizes and len(sizes) > 1
+
+
 def _header(key: str) -> str:
     return METRIC_COLUMNS.get(key, key)
 
@@ -445,12 +465,13 @@ def _header(key: str) -> str:
 def print_table(rows: Sequence[dict[str, Any]], caption: str, console: Console) -> None:
     table = Table(caption=caption, header_style="bold")
     columns = _display_columns(rows)
+    mark = marks_single_seed(rows)
     for key in columns:
         numeric = key in ("rank", "n") or key in METRIC_COLUMNS or _is_metric_key(rows[0], key)
         table.add_column(_header(key), justify="right" if numeric else "left", overflow="fold")
     for row in rows:
         # Text cells: run names and errors may contain `[...]`, which is rich markup.
-        table.add_row(*(Text(_format_cell(row, key)) for key in columns))
+        table.add_row(*(Text(_format_cell(row, key, mark)) for key in columns))
     console.print(table)
 
 
@@ -475,13 +496,19 @@ def _csv_value(value: Any) -> Any:
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     columns = _display_columns(rows)
+    mark = marks_single_seed(rows)
 
     def line(cells: Iterable[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+        return "| " + " | ".join(_md_escape(c).replace("|", "\\|") for c in cells) + " |"
 
     out = [line(_header(k) for k in columns), line("---" for _ in columns)]
-    out += [line(_format_cell(row, k) for k in columns) for row in rows]
+    out += [line(_format_cell(row, k, mark) for k in columns) for row in rows]
     return "\n".join(out)
+
+
+def _md_escape(text: str) -> str:
+    """`*` (the single-seed mark) would start emphasis in Markdown."""
+    return text.replace("*", "\\*")
 
 
 def write_markdown(
@@ -490,8 +517,11 @@ def write_markdown(
     caption: str,
     best: RunRecord | None,
     plot: Path | None,
+    note: str | None = None,
 ) -> None:
-    parts = ["# Run comparison", "", caption, "", markdown_table(rows), ""]
+    parts = ["# Run comparison", "", _md_escape(caption), "", markdown_table(rows), ""]
+    if note is not None:
+        parts += [_md_escape(note), ""]
     if plot is not None:
         rel = os.path.relpath(plot.resolve(), path.resolve().parent)
         parts += ["## Validation curves", "", f"![validation curves]({Path(rel).as_posix()})", ""]
@@ -515,10 +545,116 @@ def read_samples_tail(run_dir: Path, lines: int = SAMPLE_TAIL_LINES) -> str | No
 
 def group_label(group: RunGroup, differ: Sequence[str], use_overrides: bool) -> str:
     """A run's label: its differing overrides (`lr=0.01 seed=1`), else its name."""
+    label = _group_name(group, differ, use_overrides)
+    return f"{label} (n={len(group.runs)})" if len(group.runs) > 1 else label
+
+
+def _group_name(group: RunGroup, differ: Sequence[str], use_overrides: bool) -> str:
     first = group.runs[0]
     keys = [k for k in differ if not (len(group.runs) > 1 and k == SEED_KEY)]
-    label = " ".join(f"{k}={first.param(k, use_overrides)}" for k in keys) or first.name
-    return f"{label} (n={len(group.runs)})" if len(group.runs) > 1 else label
+    return " ".join(f"{k}={first.param(k, use_overrides)}" for k in keys) or first.name
+
+
+# ----------------------------------------------------------------------------- significance
+
+
+@dataclass(frozen=True)
+class WelchResult:
+    """Welch's comparison of two samples; `difference` is mean(a) - mean(b)."""
+
+    mean_a: float
+    std_a: float
+    n_a: int
+    mean_b: float
+    std_b: float
+    n_b: int
+    difference: float
+    ci_low: float  # confidence interval of the difference, at level 1 - alpha
+    ci_high: float
+    df: float | None  # Welch-Satterthwaite degrees of freedom; None: zero variance in both
+    p_value: float | None  # two-sided; None: the t-test is undefined (zero variance in both)
+    alpha: float = ALPHA
+
+    @property
+    def significant(self) -> bool:
+        return self.p_value is not None and self.p_value < self.alpha
+
+
+def welch_test(a: Sequence[float], b: Sequence[float], alpha: float = ALPHA) -> WelchResult:
+    """Welch's t-test (unequal variances) of two samples of at least two values each, and
+    the 1 - alpha confidence interval of the difference of their means."""
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("Welch's t-test needs at least two values in each sample")
+    mean_a, mean_b = statistics.fmean(a), statistics.fmean(b)
+    var_a, var_b = statistics.variance(a), statistics.variance(b)  # exact 0 for equal values
+    sq_a, sq_b = var_a / len(a), var_b / len(b)  # squared standard errors of the means
+    df: float | None = None
+    p_value: float | None = None
+    half = 0.0
+    # Both variances zero: t = diff / 0, where scipy answers NaN (or p = 0 with a warning).
+    if sq_a + sq_b > 0:
+        from scipy import stats  # here, not at the top: scipy costs every command ~0.5 s
+
+        df = (sq_a + sq_b) ** 2 / (sq_a**2 / (len(a) - 1) + sq_b**2 / (len(b) - 1))
+        half = float(stats.t.ppf(1 - alpha / 2, df)) * math.sqrt(sq_a + sq_b)
+        with warnings.catch_warnings():
+            # A constant sample (one seed-proof row) is fine here: its variance is exact.
+            warnings.filterwarnings("ignore", "Precision loss", RuntimeWarning)
+            p_value = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    diff = mean_a - mean_b
+    return WelchResult(
+        mean_a=mean_a,
+        std_a=math.sqrt(var_a),
+        n_a=len(a),
+        mean_b=mean_b,
+        std_b=math.sqrt(var_b),
+        n_b=len(b),
+        difference=diff,
+        ci_low=diff - half,
+        ci_high=diff + half,
+        df=df,
+        p_value=p_value,
+        alpha=alpha,
+    )
+
+
+def significance_line(
+    groups: Sequence[RunGroup], keys: tuple[list[str], bool], metric: str
+) -> str | None:
+    """Whether the best two rows differ by more than seed noise; None without two ranked rows."""
+    best = [g for g in groups if _rank_position(g) == 0][:2]
+    if len(best) < 2:
+        return None
+    samples = [[v for r in g.runs if (v := r.value(metric)) is not None] for g in best]
+    sides = []
+    for group, values in zip(best, samples, strict=True):
+        mean = _format_number(metric, statistics.fmean(values))
+        spread = f" ± {_format_number(metric, statistics.stdev(values))}" if values[1:] else ""
+        seeds = f"{len(values)} seed{'s' if values[1:] else ''}"
+        sides.append(f'"{_group_name(group, *keys)}" {mean}{spread} ({seeds})')
+    head = f"best two: {sides[0]} vs {sides[1]}: difference "
+
+    if min(len(v) for v in samples) < 2:
+        diff = _format_number(metric, statistics.fmean(samples[0]) - statistics.fmean(samples[1]))
+        marked = any(len(g.runs) > 1 for g in groups if _rank_position(g) == 0)
+        which = f"single-seed rows (marked {SINGLE_SEED_MARK})" if marked else "single runs"
+        return f"{head}{diff}; {which} cannot be told from noise: sweep seed=1,2,3"
+
+    result = welch_test(*samples)
+    head += _format_number(metric, result.difference)
+    if result.p_value is None:  # say so rather than print a NaN p-value
+        if result.difference == 0:
+            return f"{head}; all runs of both rows have the same value: no difference at all"
+        return (
+            f"{head}; every seed gave the same value (zero variance), so the t-test is "
+            f"undefined: check that {SEED_KEY} changes the run"
+        )
+    level = round(100 * (1 - result.alpha))
+    low, high = (_format_number(metric, x) for x in (result.ci_low, result.ci_high))
+    verdict = f"more than noise (p < {result.alpha:g})" if result.significant else "within noise"
+    return (
+        f"{head}, {level}% CI [{low}, {high}], Welch's t-test p = {result.p_value:.2g}: {verdict}"
+    )
 
 
 # ----------------------------------------------------------------------------- command
@@ -576,7 +712,13 @@ def compare(args: argparse.Namespace, console: Console) -> None:
 
     order = "higher" if args.higher_is_better else "lower"
     caption = f"{len(runs)} runs in {len(rows)} rows, ranked by {args.metric} ({order} is better)"
+    if marks_single_seed(rows):
+        caption += f"; {SINGLE_SEED_MARK} single seed"
     print_table(rows, caption, console)
+    # With --no-group every row is one run by request: "single seed" would be no news.
+    note = significance_line(groups, keys, args.metric) if args.group_seeds else None
+    if note is not None:
+        _say(console, note)
     if args.csv is not None:
         write_csv(rows, args.csv)
         _say(console, f"wrote {args.csv}")
@@ -586,7 +728,7 @@ def compare(args: argparse.Namespace, console: Console) -> None:
         _say(console, f"wrote {args.plot}")
     if args.markdown is not None:
         best = best_run(groups, args.metric, args.higher_is_better)
-        write_markdown(rows, args.markdown, caption, best, args.plot)
+        write_markdown(rows, args.markdown, caption, best, args.plot, note)
         _say(console, f"wrote {args.markdown}")
 
 
