@@ -66,6 +66,9 @@ def evaluate(values: dict[str, str]) -> dict[str, Any]:
     from lmlab.lit_module import LanguageModel
     from lmlab.sample import resolve_device
 
+    # the Trainer's banner (GPU available, tips) says nothing about the figures; set after
+    # Lightning's import, which sets its own level
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     ckpt_path = Path(values["ckpt_path"]).expanduser()
     device = resolve_device(values.get("device", "auto"))
     checkpoint = read_checkpoint(ckpt_path)
@@ -228,7 +231,10 @@ def report(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("lmlab").addHandler(handler)
+    logging.getLogger("lmlab").setLevel(logging.INFO)
     try:
         values = parse_args(sys.argv[1:] if argv is None else argv)
         result = evaluate(values)

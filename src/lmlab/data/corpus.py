@@ -267,24 +267,22 @@ def _table_column(text: str, column: str, path: Path, quoting: str) -> list[str]
     return [row[index] for row in table.rows]
 
 
+# what to try when a file does not read with the quoting asked for
+_OTHER_QUOTING = {
+    "csv": "set data.quoting=none if the file's quotes are part of its text",
+    "none": "set data.quoting=csv if the file quotes fields that hold tabs, commas or line breaks",
+}
+
+
 def _read_table_as(text: str, delimiter: str, quoting: str, path: Path) -> _Table:
     """The table as `quoting` reads it; a row that does not fit is refused with its line."""
-    if quoting == "csv":
+    if quoting in _OTHER_QUOTING:
         try:
-            return _read_table(text, delimiter, quotes=True)
+            return _read_table(text, delimiter, quotes=quoting == "csv")
         except _BadRow as bad:
             raise LmlabError(
-                f"{path}:{bad.line}: {bad.reason} (read with data.quoting=csv); fix the row, "
-                "or set data.quoting=none if the file's quotes are part of its text"
-            ) from None
-    if quoting == "none":
-        try:
-            return _read_table(text, delimiter, quotes=False)
-        except _BadRow as bad:
-            raise LmlabError(
-                f"{path}:{bad.line}: {bad.reason} (read with data.quoting=none); fix the row, "
-                "or set data.quoting=csv if the file quotes fields that hold tabs, commas "
-                "or line breaks"
+                f"{path}:{bad.line}: {bad.reason} (read with data.quoting={quoting}); fix the "
+                f"row, or {_OTHER_QUOTING[quoting]}"
             ) from None
     return _read_table_auto(text, delimiter, path)
 
