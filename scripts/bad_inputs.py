@@ -117,10 +117,10 @@ def make_inputs(tmp: Path) -> tuple[list[Row], Path]:
     rows += [
         train("missing corpus file", "data.path=/nonexistent.txt"),
         train("empty corpus file", f"data.path={tmp}/empty.txt"),
-        train(  # 132 characters: the last 10% (14) is shorter than one block of 32
+        train(  # three lines: validation is the last line (43 characters), under 64 + 1
             "validation part shorter than one block",
             f"data.path={tmp}/short.txt",
-            "data.block_size=32",
+            "data.block_size=64",
         ),
         train("bytes that are not UTF-8", f"data.path={tmp}/latin1.txt"),
         train(
