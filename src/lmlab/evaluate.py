@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -63,6 +62,7 @@ def evaluate(values: dict[str, str]) -> dict[str, Any]:
     import torch
 
     from lmlab.checkpoint import read_checkpoint
+    from lmlab.data.token_stream import PartStats
     from lmlab.lit_module import LanguageModel
     from lmlab.sample import resolve_device
 
@@ -82,8 +82,7 @@ def evaluate(values: dict[str, str]) -> dict[str, Any]:
     else:
         what, loader, stats = _own_part(values.get("split"), hparams, data_cfg, batch_size)
     module.eval_part = what
-    bits = stats["tokens"] / math.log(2)
-    module.eval_factors = (bits / stats["characters"], bits / stats["bytes"])
+    module.eval_factors = PartStats(**stats).factors()
     trainer = L.Trainer(
         accelerator="gpu" if device.startswith("cuda") else "cpu",
         devices=1,
@@ -146,23 +145,21 @@ def _other_text(values: dict[str, str], module, data_cfg: dict[str, Any], batch:
     import torch
     from torch.utils.data import DataLoader
 
-    from lmlab.data.corpus import read_documents
     from lmlab.data.datasets import DocumentWindows, SlidingWindows
+    from lmlab.data.token_stream import TokenSettings, read_normalized_documents
     from lmlab.data.tokenizers import CharTokenizer, tokenizer_from_state
 
     path = Path(values["data.path"]).expanduser()
     tokenizer = tokenizer_from_state(module.hparams.tokenizer_state)
-    documents = read_documents(
-        path,
-        values.get("data.text_field"),
-        bool(data_cfg.get("split_lines")),
-        data_cfg.get("encoding_errors", "strict"),
+    # read as the run read its corpus, with the text field named here
+    settings = TokenSettings(
+        text_field=values.get("data.text_field"),
+        split_lines=bool(data_cfg.get("split_lines")),
         quoting=data_cfg.get("quoting", "auto"),
+        normalize=data_cfg.get("normalize", "NFC"),
+        encoding_errors=data_cfg.get("encoding_errors", "strict"),
     )
-    if data_cfg.get("normalize"):
-        import unicodedata
-
-        documents = [unicodedata.normalize(data_cfg["normalize"], d) for d in documents]
+    documents = read_normalized_documents(path, settings)
     if isinstance(tokenizer, CharTokenizer):
         documents = _drop_unknown_characters(documents, tokenizer, path)
     pieces = [tokenizer.encode(d) for d in documents]

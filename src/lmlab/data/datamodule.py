@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import lightning as L
@@ -161,9 +160,7 @@ class TextDataModule(L.LightningDataModule):
     def factors(self, part: str = "val") -> tuple[float, float]:
         """(bpc, bpb) = loss * factor: nats -> bits, tokens -> characters or UTF-8 bytes of
         the part's text (the same text for every tokenizer)."""
-        stats = self.parts[part]
-        bits_per_token = stats.tokens / math.log(2)
-        return bits_per_token / max(stats.characters, 1), bits_per_token / max(stats.bytes, 1)
+        return self.parts[part].factors()
 
     @property
     def bpc_factor(self) -> float:

@@ -24,6 +24,8 @@ import socket
 import tempfile
 import time
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -176,14 +178,21 @@ class TokenSink:
 
     def _write(self, array: np.ndarray) -> None:
         data = memoryview(array).cast("B")
-        try:
+        with self._cache_errors():
             self.file.write(data)
+        self.crc32 = zlib.crc32(data, self.crc32)
+        self.num_bytes += len(data)
+
+    @contextmanager
+    def _cache_errors(self) -> Iterator[None]:
+        """A failed write to the cache's file (a full disk) is a CacheWriteError: the caller
+        tokenizes without the cache. Without one, the error is the caller's to see."""
+        try:
+            yield
         except OSError as err:
             if self.cache is None:
                 raise
             raise CacheWriteError(err.errno, f"{self.cache.directory}: {err.strerror}") from err
-        self.crc32 = zlib.crc32(data, self.crc32)
-        self.num_bytes += len(data)
 
     def finish(self, document_lengths: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
         """The ids (and the documents' lengths, when given), memory-mapped from the file."""
@@ -197,12 +206,8 @@ class TokenSink:
                 "count": len(lengths),
             }
             self._write(lengths)
-        try:
+        with self._cache_errors():
             self.file.flush()
-        except OSError as err:
-            if self.cache is None:
-                raise
-            raise CacheWriteError(err.errno, f"{self.cache.directory}: {err.strerror}") from err
         mapped = tuple(
             _map(self.file, np.dtype(spec["dtype"]), spec["count"], spec["offset"])
             for spec in self.arrays.values()

@@ -16,6 +16,7 @@ the part's text, for counting characters and bytes, is its documents joined with
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import unicodedata
@@ -93,6 +94,11 @@ class PartStats:
     def public(self) -> dict[str, int]:
         return {k: v for k, v in asdict(self).items() if k != "start"}
 
+    def factors(self) -> tuple[float, float]:
+        """(bpc, bpb) = loss * factor: nats -> bits, tokens -> characters or UTF-8 bytes."""
+        bits_per_token = self.tokens / math.log(2)
+        return bits_per_token / max(self.characters, 1), bits_per_token / max(self.bytes, 1)
+
 
 @dataclass
 class CorpusTokens:
@@ -163,7 +169,7 @@ def _tokenize(
             (ids,) = sink.finish()
         lengths = None
     else:
-        by_part = _split_documents(_read_documents(path, settings), settings, path)
+        by_part = _split_documents(read_normalized_documents(path, settings), settings, path)
         everything = [d for docs in by_part.values() for d in docs]
         tokenizer = _build_tokenizer(settings, documents=everything)
         sink = _open_sink(cache, tokenizer, in_memory)
@@ -276,7 +282,8 @@ def _nearest_cut(f, size: int, target: int) -> int:
 
 
 # -- tokenizing ------------------------------------------------------------------------------
-def _read_documents(path: Path, settings: TokenSettings) -> list[str]:
+def read_normalized_documents(path: Path, settings: TokenSettings) -> list[str]:
+    """The corpus's documents as the settings read them, Unicode-normalized."""
     documents = read_documents(
         path,
         settings.text_field,
