@@ -1,0 +1,69 @@
+"""`lmlab-compare DIR [DIR ...]`: rank, tabulate and plot every run found under the DIRs: the
+overrides that differ between runs become columns, and runs that differ only by seed share a row."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from lmlab.cli import refuse
+from lmlab.errors import LmlabError
+from lmlab.runs import render
+from lmlab.runs.collect import PROG, collect_runs
+from lmlab.runs.table import make_table
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Rank, tabulate and plot the runs found under each DIR (a run directory, "
+        "a Hydra sweep folder or a whole log folder); runs that differ only by seed share a row.",
+    )
+    add = parser.add_argument
+    add("dirs", nargs="+", metavar="DIR", help="folder(s) to search for runs")
+    add("--metric", default="val/bpc", help="metrics.json value to rank by (default: val/bpc)")
+    add("--higher-is-better", action="store_true", help="largest value first (e.g. tokens_per_sec)")
+    add("--no-group", dest="group_seeds", action="store_false", help="one row per run")
+    add("--csv", type=Path, metavar="FILE", help="also write the table as CSV")
+    add("--markdown", type=Path, metavar="FILE", help="also write a Markdown report, with samples")
+    add("--plot", type=Path, metavar="FILE.png", help="write validation (and training) loss curves")
+    args = parser.parse_args(argv)
+    # Wide output when piped: a narrow default would fold every column.
+    console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
+    say = functools.partial(console.print, markup=False, highlight=False)
+    try:
+        if args.plot is not None and args.plot.suffix.lower() not in PLOT_SUFFIXES:
+            message = f"--plot {args.plot}: unknown image type; end the name with one of "
+            raise LmlabError(message + ", ".join(PLOT_SUFFIXES))
+        runs = collect_runs(args.dirs)
+        table = make_table(runs, args.metric, args.group_seeds, args.higher_is_better)
+        title = render.caption(table, len(runs))
+        render.print_table(table.rows, title, console)
+        # With --no-group every row is one run by request: "single seed" would be no news.
+        note = render.significance_line(table) if args.group_seeds else None
+        if note is not None:
+            say(note)
+        if args.csv is not None:
+            render.write_csv(table.rows, args.csv)
+            say(f"wrote {args.csv}")
+        if args.plot is not None:
+            render.plot_curves(table, args.plot)
+            say(f"wrote {args.plot}")
+        if args.markdown is not None:
+            render.write_markdown(table, args.markdown, title, args.plot, note)
+            say(f"wrote {args.markdown}")
+    except LmlabError as err:
+        refuse(PROG, err)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
