@@ -28,9 +28,9 @@ import torch
 
 from lmlab.data import TextDataModule
 from lmlab.data.corpus import locate_builtin
-from lmlab.data.datasets import RandomBlockBatches
-from lmlab.data.streaming import encode_plain_text, fit_char_vocabulary
+from lmlab.data.examples import RandomBlockBatches
 from lmlab.data.token_cache import TokenSink
+from lmlab.data.tokenization import encode_plain_text, fit_char_vocabulary
 from lmlab.data.tokenizers import build_tokenizer, token_dtype
 
 MB = 1 << 20

@@ -1,21 +1,17 @@
 from __future__ import annotations
 
+import email.message
 import io
 import json
 import re
 from pathlib import Path
 
 import pytest
+import torch.hub
 from conftest import data_dir, needs_corpus
 
-from lmlab.data import corpus
-from lmlab.data.corpus import (
-    BUILTIN_CORPORA,
-    QUOTINGS,
-    locate_builtin,
-    read_documents,
-    read_text_chunks,
-)
+from lmlab.data.corpus import BUILTIN_CORPORA, QUOTINGS, locate_builtin, read_documents
+from lmlab.data.tokenization import read_text_chunks
 from lmlab.errors import LmlabError
 
 
@@ -300,37 +296,51 @@ def test_corrupt_builtin_corpus_is_refused(tmp_path: Path):
         locate_builtin("names", tmp_path)
 
 
+class FakeResponse(io.BytesIO):
+    """What torch.hub reads a download from: a body and its headers."""
+
+    def info(self) -> email.message.Message:
+        headers = email.message.Message()
+        headers["Content-Length"] = str(len(self.getvalue()))
+        return headers
+
+
+def serve(monkeypatch, respond) -> list[str]:
+    """Downloads answered by `respond(url)`; returns the URLs asked for."""
+    requested = []
+
+    def fake_urlopen(request):
+        requested.append(request.full_url)
+        return respond(request.full_url)
+
+    monkeypatch.setattr(torch.hub, "urlopen", fake_urlopen)
+    return requested
+
+
 @needs_corpus("the-verdict.txt")
 def test_missing_builtin_corpus_is_downloaded_and_verified(tmp_path: Path, monkeypatch):
     payload = (data_dir() / "the-verdict.txt").read_bytes()
-    requested = []
-
-    class FakeResponse(io.BytesIO):
-        headers = {"Content-Length": str(len(payload))}
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    def fake_urlopen(url, timeout):
-        requested.append(url)
-        return FakeResponse(payload)
-
-    monkeypatch.setattr(corpus.urllib.request, "urlopen", fake_urlopen)
+    requested = serve(monkeypatch, lambda url: FakeResponse(payload))
     path = locate_builtin("verdict", tmp_path / "fresh")
     assert requested == [BUILTIN_CORPORA["verdict"].url]
     assert path.read_bytes() == payload
-    assert not list(path.parent.glob("*.part"))
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left beside it
 
 
 def test_failed_download_leaves_no_partial_file(tmp_path: Path, monkeypatch):
-    def refuse(url, timeout):
+    def refuse(url):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(corpus.urllib.request, "urlopen", refuse)
+    serve(monkeypatch, refuse)
     with pytest.raises(LmlabError, match="could not be downloaded .* download it by hand"):
+        locate_builtin("names", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_download_that_is_not_the_corpus_is_refused_and_not_kept(tmp_path: Path, monkeypatch):
+    serve(monkeypatch, lambda url: FakeResponse(b"<html>rate limited</html>"))
+    expected = BUILTIN_CORPORA["names"].sha256
+    with pytest.raises(LmlabError, match=f"has SHA-256 [0-9a-f]{{64}}, expected {expected}"):
         locate_builtin("names", tmp_path)
     assert list(tmp_path.iterdir()) == []
 

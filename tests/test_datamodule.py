@@ -4,12 +4,14 @@ import math
 import unicodedata
 from pathlib import Path
 
+import hydra
 import pytest
 import torch
-from conftest import TINY_TEXT, data_dir, needs_corpus, needs_tiktoken
+from conftest import TINY_TEXT, compose_train, data_dir, needs_corpus, needs_tiktoken
 
 from lmlab.data import TextDataModule
-from lmlab.data.datasets import DocumentWindows, RandomBlockBatches, SlidingWindows
+from lmlab.data.examples import DocumentWindows, RandomBlockBatches, SlidingWindows
+from lmlab.data.tokenizers import CharTokenizer
 from lmlab.errors import LmlabError
 
 
@@ -88,11 +90,29 @@ def test_sliding_windows_step_by_stride():
     assert y.tolist() == [7, 8, 9, 10]
 
 
-def test_sliding_sampling_in_the_datamodule(tiny_corpus: Path):
-    dm = make_dm(tiny_corpus, sampling="sliding", block_size=8, stride=4, batch_size=2)
+def test_sliding_examples_in_the_datamodule(tiny_corpus: Path):
+    dm = make_dm(tiny_corpus, examples="sliding", block_size=8, stride=4, batch_size=2)
     assert len(dm.train_dataset) == (len(dm.train_stream) - 9) // 4 + 1
     x, y = next(iter(dm.train_dataloader()))
     assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_the_deprecated_data_sampling_still_works_and_says_so(tiny_corpus: Path, tmp_path: Path):
+    kwargs = dict(block_size=8, stride=4, batch_size=2)
+    new = make_dm(tiny_corpus, examples="sliding", **kwargs)
+    deprecated = "data.sampling is deprecated: use data.examples=sliding"
+    with pytest.warns(FutureWarning, match=deprecated):
+        old = make_dm(tiny_corpus, sampling="sliding", **kwargs)
+    assert old.examples == new.examples == "sliding"
+    for a, b in zip(old.train_dataloader(), new.train_dataloader(), strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    cfg = compose_train([f"data.path={tiny_corpus}", "data.sampling=sliding"], tmp_path)
+    with pytest.warns(FutureWarning, match=deprecated):
+        assert hydra.utils.instantiate(cfg.data).examples == "sliding"
+    with pytest.raises(LmlabError, match="keep data.examples and remove data.sampling"):
+        TextDataModule(path=str(tiny_corpus), examples="random", sampling="sliding")
+    with pytest.raises(LmlabError, match="data.examples must be one of"):
+        TextDataModule(path=str(tiny_corpus), examples="windows")
 
 
 def test_validation_covers_the_split_in_order(tiny_corpus: Path):
@@ -132,7 +152,7 @@ def test_documents_are_shuffled_with_a_fixed_seed_and_split_whole(tmp_path: Path
     path = tmp_path / "names.txt"
     names = [f"name{chr(97 + i % 26)}{chr(97 + i // 26)}" for i in range(100)]
     path.write_text("\n".join(names) + "\n")
-    kwargs = dict(split_lines=True, sampling="documents", block_size=8, batch_size=4)
+    kwargs = dict(split_lines=True, examples="documents", block_size=8, batch_size=4)
     dm = make_dm(path, seed=1, **kwargs)
     again = make_dm(path, seed=2, **kwargs)  # a different training seed, the same split
     decode = dm.tokenizer.decode
@@ -173,9 +193,7 @@ def test_empty_corpus_file_is_refused(tmp_path: Path):
 
 
 def test_bytes_that_are_not_utf8_are_located_in_a_streamed_corpus(tmp_path: Path, monkeypatch):
-    from lmlab.data import streaming
-
-    monkeypatch.setattr(streaming, "CHAR_CHUNK_BYTES", 64)  # the bad byte in a later piece
+    monkeypatch.setattr(CharTokenizer, "piece_bytes", 64)  # the bad byte in a later piece
     path = tmp_path / "latin1.txt"
     path.write_bytes(b"plain words here\n" * 30 + "café au lait\n".encode("latin-1"))
     with pytest.raises(

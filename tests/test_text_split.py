@@ -59,7 +59,7 @@ def test_documents_holding_line_breaks_split_nine_to_one(tmp_path: Path):
     documents = three_line_documents(1000)
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
-    dm = make_dm(path=str(path), text_field="text", sampling="documents", block_size=64)
+    dm = make_dm(path=str(path), text_field="text", examples="documents", block_size=64)
     train, val = dm.parts["train"], dm.parts["val"]
     assert (train.documents, val.documents) == (900, 100)
     assert abs(train.characters / (train.characters + val.characters) - 0.9) < 0.01
@@ -75,7 +75,7 @@ def test_a_test_part_holds_out_whole_documents(tmp_path: Path):
     dm = make_dm(
         path=str(path),
         split_lines=True,
-        sampling="documents",
+        examples="documents",
         block_size=8,
         train_fraction=0.8,
         test_fraction=0.1,
@@ -110,7 +110,7 @@ def test_too_few_documents_to_split_are_refused(tmp_path: Path):
     path = tmp_path / "three.txt"
     path.write_text("anna\nbob\ncarl\n")
     with pytest.raises(LmlabError, match="3 document\\(s\\), too few to split"):
-        make_dm(path=str(path), split_lines=True, sampling="documents", test_fraction=0.05)
+        make_dm(path=str(path), split_lines=True, examples="documents", test_fraction=0.05)
 
 
 def test_a_text_without_line_breaks_is_cut_between_characters(tmp_path: Path):

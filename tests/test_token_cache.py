@@ -16,11 +16,11 @@ import pytest
 import torch
 from conftest import TINY_TEXT, needs_tiktoken
 
-from lmlab.data import streaming, token_cache, token_stream
-from lmlab.data.corpus import read_documents, read_text_chunks
+from lmlab.data import token_cache, tokenization
+from lmlab.data.corpus import read_documents
 from lmlab.data.datamodule import TextDataModule
-from lmlab.data.streaming import encode_plain_text, fit_char_vocabulary
 from lmlab.data.token_cache import TokenCache, TokenSink
+from lmlab.data.tokenization import encode_plain_text, fit_char_vocabulary, read_text_chunks
 from lmlab.data.tokenizers import CharTokenizer, build_tokenizer
 
 # Hangul (3 bytes each, in NFD: 2-3 jamo per syllable), CRLF, blank-line runs, digits, a
@@ -59,8 +59,8 @@ def test_second_setup_loads_the_cache_without_tokenizing(
     def refuse(*args, **kwargs):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr(token_stream, "encode_plain_text", refuse)
-    monkeypatch.setattr(token_stream, "fit_char_vocabulary", refuse)
+    monkeypatch.setattr(tokenization, "encode_plain_text", refuse)
+    monkeypatch.setattr(tokenization, "fit_char_vocabulary", refuse)
     caplog.clear()
     second = make_dm(tiny_corpus, cache)
     assert "loaded from cache" in caplog.text
@@ -90,7 +90,7 @@ def test_changed_content_or_settings_give_a_new_key(tiny_corpus, tmp_path, monke
     make_dm(tiny_corpus, tmp_path, normalize=None)
     assert len(entries(tmp_path, "bin")) == 3
     # documents are shuffled before the split: an entry per split seed, and per split
-    kwargs = dict(split_lines=True, sampling="documents", block_size=4)
+    kwargs = dict(split_lines=True, examples="documents", block_size=4)
     make_dm(tiny_corpus, tmp_path, **kwargs)
     make_dm(tiny_corpus, tmp_path, split_seed=7, **kwargs)
     assert len(entries(tmp_path, "bin")) == 5
@@ -105,7 +105,7 @@ def test_bpe_stream_is_cached_with_its_character_count(tiny_corpus, tmp_path, mo
     (bin_path,) = entries(tmp_path, "bin")
     assert "tiny-gpt2-" in bin_path.name and first.train_stream.dtype == torch.uint16
     assert len(entries(tmp_path, "bin")) == 1  # the char entry of other tests is elsewhere
-    monkeypatch.setattr(token_stream, "encode_plain_text", pytest.fail)
+    monkeypatch.setattr(tokenization, "encode_plain_text", pytest.fail)
     second = make_dm(tiny_corpus, tmp_path, tokenizer="gpt2", block_size=8)
     assert stream(second) == stream(first) == stream(fresh)
     assert second.parts == fresh.parts
@@ -184,10 +184,10 @@ def test_stale_or_partial_files_are_never_trusted(tiny_corpus, tmp_path):
 def test_failed_tokenization_leaves_no_file(tmp_path, monkeypatch):
     path = tmp_path / "bad.txt"
     path.write_bytes(b"good text\n" * 20 + b"\xff bad byte\n")
-    monkeypatch.setattr(streaming, "CHAR_CHUNK_BYTES", 16)
+    monkeypatch.setattr(CharTokenizer, "piece_bytes", 16)
     # fail in the second pass, with tokens already written to the temporary file
     vocabulary = CharTokenizer.fit("good text\n bad byte")
-    monkeypatch.setattr(token_stream, "fit_char_vocabulary", lambda *args: vocabulary)
+    monkeypatch.setattr(tokenization, "fit_char_vocabulary", lambda *args: vocabulary)
     cache = tmp_path / "tokens"
     with pytest.raises(Exception, match="byte 200"):
         make_dm(path, cache)

@@ -56,7 +56,9 @@ def test_char_tokenizer_handles_korean():
 
 def test_unknown_characters_are_named_in_the_error():
     tok = CharTokenizer.fit("abc")
-    with pytest.raises(LmlabError, match=r"2 character\(s\) outside the vocabulary: 'x', 'z'"):
+    with pytest.raises(
+        LmlabError, match=r"2 character\(s\) that are not in the vocabulary: 'x', 'z'"
+    ):
         tok.encode("abxcz")
 
 
@@ -78,7 +80,8 @@ def test_gpt2_loads_offline_as_r50k_with_endoftext():
 @needs_tiktoken()
 def test_documents_are_joined_with_endoftext():
     tok = build_tokenizer("gpt2")
-    ids = tok.encode_documents(["Hello", "world"])
+    ids, lengths = tok.encode_documents(["Hello", "world"])
+    assert lengths.tolist() == [len(tok.encode("Hello")), len(tok.encode("world"))]
     assert ids.tolist() == [*tok.encode("Hello"), 50256, *tok.encode("world")]
     assert tok.decode(ids) == f"Hello{EOT}world"
 

@@ -1,26 +1,35 @@
-"""The LightningDataModule: corpus -> text split 9:1 (or train/val/test) -> tokens -> examples."""
+"""The LightningDataModule: corpus -> text split 9:1 (or train/val/test) -> tokens -> examples.
+
+`prepare_data` finds (or downloads) the corpus; `setup` tokenizes it (or loads its tokens from
+the cache), builds the datasets, and then answers what the model and the metrics need. The
+loaders' order follows the trainer's position, so a resumed run goes on where it stopped."""
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from lmlab.data.corpus import BUILTIN_CORPORA, locate_builtin
-from lmlab.data.datasets import DocumentWindows, RandomBlockBatches, SlidingWindows
-from lmlab.data.samplers import (
+from lmlab.data.examples import (
     BatchNumberSampler,
-    PositionedDataLoader,
+    DocumentWindows,
+    RandomBlockBatches,
+    ResumableDataLoader,
+    SlidingWindows,
     WindowBatchSampler,
     shard,
 )
-from lmlab.data.token_stream import PartStats, TokenSettings, tokenize_corpus
+from lmlab.data.token_cache import PartStats
+from lmlab.data.tokenization import TokenSettings, tokenize_corpus
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
 
-SAMPLINGS = ("random", "sliding", "documents")
+EXAMPLES = ("random", "sliding", "documents")
 
 
 class TextDataModule(L.LightningDataModule):
@@ -34,7 +43,7 @@ class TextDataModule(L.LightningDataModule):
         block_size: int = 8,
         batch_size: int = 32,
         val_batch_size: int | None = None,
-        sampling: str = "random",
+        examples: str | None = None,
         stride: int | None = None,
         train_fraction: float = 0.9,
         test_fraction: float = 0.0,
@@ -47,6 +56,7 @@ class TextDataModule(L.LightningDataModule):
         encoding_errors: str = "strict",
         num_workers: int = 0,
         cache_dir: str | None = None,
+        sampling: str | None = None,  # the deprecated name of `examples`
     ):
         super().__init__()
         if corpus is None and path is None:
@@ -60,31 +70,31 @@ class TextDataModule(L.LightningDataModule):
                 f"data.test_fraction must be at least 0 and leave some text to validate "
                 f"(below 1 - data.train_fraction = {1 - train_fraction:.3g}), got {test_fraction}"
             )
-        if sampling not in SAMPLINGS:
-            raise LmlabError(f"data.sampling must be one of {SAMPLINGS}, got {sampling!r}")
+        if sampling is not None:
+            if examples is not None and examples != sampling:
+                raise LmlabError(
+                    f"data.examples={examples} and data.sampling={sampling} disagree; "
+                    f"data.sampling is the deprecated name of data.examples: keep data.examples "
+                    "and remove data.sampling"
+                )
+            message = f"data.sampling is deprecated: use data.examples={sampling}"
+            warnings.warn(message, FutureWarning, stacklevel=2)
+            examples = sampling
+        self.examples = examples or "random"
+        if self.examples not in EXAMPLES:
+            raise LmlabError(f"data.examples must be one of {EXAMPLES}, got {self.examples!r}")
         if block_size < 1 or batch_size < 1:
             raise LmlabError("data.block_size and data.batch_size must be positive")
-        self.corpus = corpus
-        self.path = path
-        self.text_field = text_field
-        self.split_lines = split_lines
-        self.tokenizer_spec = tokenizer
-        self.block_size = block_size
-        self.batch_size = batch_size
+        self.corpus, self.path, self.data_dir = corpus, path, data_dir
+        if text_field is None and path is None and corpus in BUILTIN_CORPORA:
+            text_field = BUILTIN_CORPORA[corpus].text_field
+        given = locals()  # the arguments that decide the tokens, by their names
+        self.settings = TokenSettings(**{f.name: given[f.name] for f in fields(TokenSettings)})
+        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
         # validation keeps no activations for backward: larger batches are cheaper per token
         self.val_batch_size = val_batch_size or batch_size
-        self.sampling = sampling
         self.stride = stride or block_size
-        self.train_fraction = train_fraction
-        self.test_fraction = test_fraction
-        self.quoting = quoting
-        self.samples_per_epoch = samples_per_epoch
-        self.split_seed = split_seed
-        self.data_dir = data_dir
-        self.seed = seed
-        self.normalize = normalize
-        self.encoding_errors = encoding_errors
-        self.num_workers = num_workers
+        self.samples_per_epoch, self.num_workers = samples_per_epoch, num_workers
         self.cache_dir = cache_dir  # token streams are cached there; None: not cached
         self.tokenizer: Tokenizer | None = None
         self.train_stream: torch.Tensor | None = None
@@ -94,7 +104,6 @@ class TextDataModule(L.LightningDataModule):
         # documents, characters, UTF-8 bytes and tokens of each part: what was scored
         self.parts: dict[str, PartStats] = {}
 
-    # -- corpus -------------------------------------------------------------------------------
     def corpus_path(self) -> Path:
         if self.path is not None:
             return Path(self.path).expanduser()
@@ -103,39 +112,31 @@ class TextDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         self.corpus_path()  # downloads a built-in corpus once, on one process
 
-    def token_settings(self) -> TokenSettings:
-        text_field = self.text_field
-        if text_field is None and self.path is None:
-            text_field = BUILTIN_CORPORA[self.corpus].text_field
-        return TokenSettings(
-            tokenizer=self.tokenizer_spec,
-            text_field=text_field,
-            split_lines=self.split_lines,
-            quoting=self.quoting,
-            normalize=self.normalize,
-            encoding_errors=self.encoding_errors,
-            train_fraction=self.train_fraction,
-            test_fraction=self.test_fraction,
-            split_seed=self.split_seed,
-        )
-
     def setup(self, stage: str | None = None) -> None:
         if self.train_stream is not None:
             return
-        tokens = tokenize_corpus(self.corpus_path(), self.token_settings(), self.cache_dir)
-        self.tokenizer = tokens.tokenizer
-        self.parts = tokens.parts
+        tokens = tokenize_corpus(self.corpus_path(), self.settings, self.cache_dir)
+        self.tokenizer, self.parts = tokens.tokenizer, tokens.parts
         # Views of the memory-mapped stream (uint8/16/32): batches are gathered from it and
         # made long there, so a big corpus is never held in memory as int64.
         streams = {name: torch.from_numpy(tokens.part(name)) for name in tokens.parts}
         self.train_stream, self.val_stream = streams["train"], streams["val"]
         self.test_stream = streams.get("test")
-        if self.sampling == "documents":
+        if self.examples == "documents":
             self.documents = {
                 name: [torch.from_numpy(d) for d in tokens.documents(name)] for name in streams
             }
         # Built here, once: a corpus too short for one block fails now, with its message.
-        self.train_dataset = self._train_dataset()
+        if self.examples == "random":
+            num_batches = max(1, self.samples_per_epoch // self.batch_size)
+            self.train_dataset: Dataset = RandomBlockBatches(
+                self.train_stream, self.block_size, self.batch_size, num_batches, self.seed
+            )
+        elif self.examples == "sliding":
+            self.train_dataset = SlidingWindows(self.train_stream, self.block_size, self.stride)
+        else:
+            documents = self.documents["train"]
+            self.train_dataset = DocumentWindows(documents, self.block_size, self.boundary_id)
         self.val_dataset = self._eval_dataset("val")
 
     @property
@@ -163,13 +164,11 @@ class TextDataModule(L.LightningDataModule):
         return self.parts[part].factors()
 
     @property
-    def bpc_factor(self) -> float:
-        """val/bpc = val/loss * bpc_factor."""
+    def bpc_factor(self) -> float:  # val/bpc = val/loss * bpc_factor
         return self.factors("val")[0]
 
     @property
     def bpb_factor(self) -> float:
-        """val/bpb = val/loss * bpb_factor."""
         return self.factors("val")[1]
 
     def part_summary(self) -> dict[str, dict[str, int]]:
@@ -177,22 +176,12 @@ class TextDataModule(L.LightningDataModule):
         return {name: stats.public() for name, stats in self.parts.items()}
 
     # -- datasets and loaders ---------------------------------------------------------------------
-    def _train_dataset(self):
-        if self.sampling == "documents":
-            return DocumentWindows(self.train_documents, self.block_size, self.boundary_id)
-        if self.sampling == "random":
-            num_batches = max(1, self.samples_per_epoch // self.batch_size)
-            return RandomBlockBatches(
-                self.train_stream, self.block_size, self.batch_size, num_batches, self.seed
-            )
-        return SlidingWindows(self.train_stream, self.block_size, self.stride)
-
-    def _eval_dataset(self, part: str):
-        if self.sampling == "documents":
+    def _eval_dataset(self, part: str) -> Dataset:
+        if self.examples == "documents":
             return DocumentWindows(self.documents[part], self.block_size, self.boundary_id)
         # The whole part in non-overlapping windows: the same, exact estimate at every
         # evaluation (a random-block estimate has the same expectation, more noise).
-        stream = {"val": self.val_stream, "test": self.test_stream}[part]
+        stream = self.val_stream if part == "val" else self.test_stream
         name = {"val": "validation", "test": "test"}[part]
         return SlidingWindows(stream, self.block_size, self.block_size, name)
 
@@ -202,44 +191,30 @@ class TextDataModule(L.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def _position(self) -> tuple[int, int]:
-        """(epoch, batches done) of the attached trainer, read when an epoch's iteration
-        starts: after a resume these are the restored counters, so the data order goes on
-        where the interrupted run stopped."""
+        """(epoch, batches done) of the trainer, restored after a resume."""
         trainer = self.trainer
         if trainer is None:
             return 0, 0
         return trainer.current_epoch, trainer.global_step * trainer.accumulate_grad_batches
 
-    def _pin_memory(self) -> bool:
-        # page-locked host memory lets Lightning's non-blocking copy overlap the GPU's work
-        trainer = self.trainer
-        return trainer is not None and trainer.strategy.root_device.type == "cuda"
-
     def train_dataloader(self) -> DataLoader:
-        dataset = self.train_dataset
+        dataset, trainer = self.train_dataset, self.trainer
         rank, world_size = self._distribution()
-        # A DataLoader draws a seed for its workers on every iter(): from its own generator,
-        # not the global one, so a resumed run's dropout draws stay those of an uninterrupted run.
-        generator = torch.Generator().manual_seed(self.seed)
         if isinstance(dataset, RandomBlockBatches):  # items are whole batches already
             sampler = BatchNumberSampler(len(dataset), self._position, rank, world_size)
-            return PositionedDataLoader(
-                dataset,
-                batch_size=None,
-                sampler=sampler,
-                generator=generator,
-                num_workers=self.num_workers,
-                pin_memory=self._pin_memory(),
-            )
-        batch_sampler = WindowBatchSampler(
-            len(dataset), self.batch_size, self.seed, True, self._position, rank, world_size
-        )
-        return PositionedDataLoader(
+            batching = {"batch_size": None, "sampler": sampler}
+        else:
+            args = len(dataset), self.batch_size, self.seed, self._position, rank, world_size
+            batching = {"batch_sampler": WindowBatchSampler(*args)}
+        return ResumableDataLoader(
             dataset,
-            batch_sampler=batch_sampler,
-            generator=generator,
+            # its own generator: a DataLoader draws a seed on every iter(), which must not move
+            # the global one that dropout draws from (a resumed run draws as an unbroken one)
+            generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
-            pin_memory=self._pin_memory(),
+            # page-locked host memory lets Lightning's non-blocking copy overlap the GPU's work
+            pin_memory=trainer is not None and trainer.strategy.root_device.type == "cuda",
+            **batching,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -252,13 +227,9 @@ class TextDataModule(L.LightningDataModule):
             )
         return self._eval_loader(self._eval_dataset("test"))
 
-    def _eval_loader(self, dataset) -> DataLoader:
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
         rank, world_size = self._distribution()
         if world_size > 1:  # each process scores its share; the loss is reduced across them
             dataset = Subset(dataset, shard(len(dataset), rank, world_size))
-        # its own generator: iterating a loader draws a seed, which must not move the global
-        # generator that dropout draws from (a step-0 validation would change training)
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            dataset, batch_size=self.val_batch_size, shuffle=False, generator=generator
-        )
+        generator = torch.Generator().manual_seed(self.seed)  # as for training: not the global
+        return DataLoader(dataset, self.val_batch_size, shuffle=False, generator=generator)

@@ -1,63 +1,89 @@
-"""Token streams cached on disk: a corpus is tokenized once and memory-mapped afterwards.
+"""The tokens of a corpus's parts, and the verified cache that keeps them on disk: a corpus is
+tokenized once and memory-mapped afterwards.
 
-An entry is `NAME.bin` and `NAME.json`. The `.bin` holds the token ids of every part of the
-corpus (train, val, test, one after the other) in the smallest unsigned type that holds the
-vocabulary, followed for multi-document corpora by each document's length in tokens. The
-`.json` sidecar says where each array starts, the tokenizer's state, and a CRC-32 of the
-whole `.bin`, which is verified every time the entry is loaded: a damaged entry is rebuilt,
-never trained on. NAME ends in a key that hashes the corpus file's content and every setting
-that changes the tokens, so a changed corpus or tokenizer never meets a stale entry.
-
-Both files are written to a temporary file first and renamed into place, the sidecar last: an
-entry with a sidecar is complete. A run killed half-way leaves a `.tmp` file named after its
-host and process; a later run removes it once that process is gone.
-"""
+An entry is `NAME.bin`, the ids of every part one after the other (in the smallest unsigned
+type that holds the vocabulary) then each document's length in tokens, and its sidecar
+`NAME.json`: where each array starts, the tokenizer's state and a CRC-32 of the `.bin`,
+checked at every load (a damaged entry is rebuilt, never trained on). NAME ends in a hash of
+the corpus's content and of every setting that changes the tokens. Both files are renamed
+into place, the sidecar last, so an entry with a sidecar is whole; a killed run's temporary
+file is named after its host and process, and removed once that process is gone."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import math
 import os
 import re
 import socket
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
+from lmlab.atomic_write import atomic_write_text
 from lmlab.data.corpus import sha256_of
-from lmlab.files import atomic_write_text
+from lmlab.data.tokenizers import Tokenizer, document_views, tokenizer_from_state
 
 log = logging.getLogger(__name__)
 
-# Bump when the bytes of an entry would change for the same corpus and settings.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 2  # bump when the bytes of an entry would change for the same corpus
 STALE_SECONDS = 24 * 3600  # a temporary file this old is left over, whoever wrote it
-_READ_BYTES = 16 << 20
 
 
-def cache_key(corpus: Path, settings: dict[str, Any]) -> str:
-    """A hash of the corpus content and of the settings that decide its tokens."""
-    described = {"format": FORMAT_VERSION, "corpus_sha256": sha256_of(corpus), **settings}
-    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:20]
+@dataclass
+class PartStats:
+    """What one part of the corpus holds: enough to check that two runs saw the same text."""
+
+    documents: int
+    characters: int
+    bytes: int
+    tokens: int = 0
+    start: int = 0  # where its tokens begin in the corpus's stream
+
+    @classmethod
+    def of_documents(cls, documents: list[str], tokens: int, start: int = 0) -> PartStats:
+        """A part of whole documents: its text is theirs joined with one `\\n`."""
+        joins = len(documents) - 1
+        nbytes = sum(len(d.encode("utf-8")) for d in documents) + joins
+        return cls(len(documents), sum(map(len, documents)) + joins, nbytes, tokens, start)
+
+    def public(self) -> dict[str, int]:
+        return {k: v for k, v in asdict(self).items() if k != "start"}
+
+    def factors(self) -> tuple[float, float]:
+        """(bpc, bpb) = loss * factor: nats -> bits, tokens -> characters or UTF-8 bytes."""
+        bits_per_token = self.tokens / math.log(2)
+        return bits_per_token / max(self.characters, 1), bits_per_token / max(self.bytes, 1)
 
 
-def file_crc32(path: Path) -> int:
-    """CRC-32 of a file, read in pieces into one buffer: the file is not mapped, so checking
-    a 1 GB entry does not count 1 GB in the process's memory."""
-    crc = 0
-    buffer = bytearray(_READ_BYTES)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            crc = zlib.crc32(view[:n], crc)
-    return crc
+@dataclass
+class CorpusTokens:
+    ids: np.ndarray  # every part's tokens, one after the other; memory-mapped
+    tokenizer: Tokenizer
+    parts: dict[str, PartStats]  # in stream order
+    document_lengths: np.ndarray | None = None  # tokens of each document, in part order
+
+    def part(self, name: str) -> np.ndarray | None:
+        stats = self.parts.get(name)
+        return None if stats is None else self.ids[stats.start : stats.start + stats.tokens]
+
+    def documents(self, name: str) -> list[np.ndarray]:
+        """The token ids of each document of a part (boundaries left out)."""
+        if self.document_lengths is None:  # a single-document corpus: each part is one
+            return [self.part(name)]
+        names, stats = list(self.parts), self.parts[name]
+        first = sum(self.parts[p].documents for p in names[: names.index(name)])
+        lengths = self.document_lengths[first : first + stats.documents]
+        return document_views(self.ids, lengths, stats.start)
 
 
 class CacheWriteError(OSError):
@@ -65,18 +91,19 @@ class CacheWriteError(OSError):
 
 
 class TokenCache:
-    """The entry of one corpus under one key in `directory`."""
+    """The entry of one corpus in `directory`, under a key from its content and `settings`."""
 
-    def __init__(self, directory: str | Path, corpus: Path, label: str, key: str):
+    def __init__(self, directory: str | Path, corpus: Path, label: str, settings: dict[str, Any]):
         self.directory = Path(directory).expanduser()
-        self.key = key
+        described = {"format": FORMAT_VERSION, "corpus_sha256": sha256_of(corpus), **settings}
+        self.key = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:20]
         readable = re.sub(r"[^\w.-]+", "_", f"{corpus.stem}-{label}")
-        self.bin_path = self.directory / f"{readable}-{key}.bin"
+        self.bin_path = self.directory / f"{readable}-{self.key}.bin"
         self.meta_path = self.bin_path.with_suffix(".json")
 
-    def load(self) -> dict[str, Any] | None:
-        """The entry's sidecar when the entry is whole and its CRC-32 matches; None (and a
-        warning for an entry that exists but cannot be trusted) otherwise."""
+    def load(self, named_tokenizer: Callable[[], Tokenizer | None]) -> CorpusTokens | None:
+        """The entry's tokens, memory-mapped, when it is whole and its CRC-32 matches; else None
+        (and a warning for an entry that cannot be trusted)."""
         try:
             meta = json.loads(self.meta_path.read_text())
         except FileNotFoundError:
@@ -91,8 +118,10 @@ class TokenCache:
             size = self.bin_path.stat().st_size
             if size != meta["bytes"]:
                 return self._refuse(f"{self.bin_path.name} has {size} bytes, not {meta['bytes']}")
-            started = time.perf_counter()
-            crc = file_crc32(self.bin_path)
+            crc = 0  # read in pieces, not mapped: checking a big entry costs no memory
+            with open(self.bin_path, "rb", buffering=0) as f:
+                for chunk in iter(lambda: f.read(16 << 20), b""):
+                    crc = zlib.crc32(chunk, crc)
         except (OSError, KeyError, TypeError) as err:
             return self._refuse(f"{self.bin_path.name} cannot be read ({err})")
         if crc != meta.get("crc32"):
@@ -100,32 +129,25 @@ class TokenCache:
                 f"the CRC-32 of {self.bin_path.name} is {crc:08x}, its sidecar says "
                 f"{meta.get('crc32', 0):08x}: bytes of the file were changed"
             )
-        log.debug("token cache: CRC-32 checked in %.2f s", time.perf_counter() - started)
-        return meta
+        state = meta["tokenizer"]  # a fitted vocabulary is stored; a named one is built again
+        tokenizer = tokenizer_from_state(state) if state else named_tokenizer()
+        parts = {name: PartStats(**stats) for name, stats in meta["parts"].items()}
+        arrays = {name: _map(self.bin_path, **spec) for name, spec in meta["arrays"].items()}
+        log.info("tokens: loaded from cache %s (%d tokens)", self.bin_path, len(arrays["ids"]))
+        return CorpusTokens(arrays["ids"], tokenizer, parts, arrays.get("document_lengths"))
 
     def _refuse(self, why: str) -> None:
         log.warning("token cache entry %s is damaged: %s; tokenizing again", self.bin_path, why)
-        return None
-
-    def array(self, meta: dict[str, Any], name: str) -> np.ndarray | None:
-        """One array of a loaded entry, memory-mapped (nothing read until used)."""
-        spec = meta["arrays"].get(name)
-        if spec is None:
-            return None
-        return _map(self.bin_path, np.dtype(spec["dtype"]), spec["count"], spec["offset"])
 
     def sink(self, dtype: np.dtype) -> TokenSink:
-        """A temporary file in the cache directory, or a sink without a cache when that
-        directory cannot be written (the run goes on, tokenizing every time)."""
+        """A temporary file in the cache directory; a sink without a cache if it is read-only."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self.remove_stale_temporaries()
-            tmp = self.bin_path.with_name(
-                f"{self.bin_path.name}.{_host()}.{os.getpid()}.{os.urandom(3).hex()}.tmp"
-            )
+            self._remove_stale_temporaries()
+            tmp = f"{self.bin_path.name}.{_host()}.{os.getpid()}.{os.urandom(3).hex()}.tmp"
             # open(), not mkstemp: the entry gets the usual mode (umask), readable by the
             # other users of a shared cache
-            file = open(tmp, "x+b")  # noqa: SIM115 (the sink closes it)
+            file = open(self.bin_path.with_name(tmp), "x+b")  # noqa: SIM115 (the sink closes it)
         except OSError as err:
             log.warning(
                 "token cache %s cannot be written (%s); tokenizing without a cache. Set "
@@ -136,7 +158,7 @@ class TokenCache:
             return TokenSink(dtype)
         return TokenSink(dtype, file, self)
 
-    def remove_stale_temporaries(self) -> None:
+    def _remove_stale_temporaries(self) -> None:
         """Delete this entry's temporary files whose writer is gone (killed half-way)."""
         for tmp in self.directory.glob(f"{self.bin_path.name}.*.tmp"):
             parts = tmp.name[len(self.bin_path.name) + 1 :].split(".")
@@ -149,13 +171,10 @@ class TokenCache:
                 tmp.unlink(missing_ok=True)
                 log.info("token cache: removed %s, left by a run that did not finish", tmp.name)
 
-    def write_meta(self, meta: dict[str, Any]) -> None:
-        atomic_write_text(self.meta_path, json.dumps(meta, indent=1))
-
 
 class TokenSink:
-    """Token ids appended to a file (the cache's temporary file, or an anonymous one that
-    keeps a big corpus out of memory): `finish()` maps them, `commit()` publishes the entry."""
+    """Token ids appended to the cache's temporary file, an anonymous one (a big corpus stays
+    out of memory) or a BytesIO (the disk is full). `finish()` maps them, `commit()` publishes."""
 
     def __init__(
         self, dtype: np.dtype, file: IO[bytes] | None = None, cache: TokenCache | None = None
@@ -163,55 +182,35 @@ class TokenSink:
         self.dtype = np.dtype(dtype)
         self.file = file if file is not None else tempfile.TemporaryFile()  # noqa: SIM115
         self.cache = cache
-        self.num_tokens = 0
-        self.num_bytes = 0
-        self.crc32 = 0
+        self.num_tokens = self.num_bytes = self.crc32 = 0
         self.arrays: dict[str, dict[str, Any]] = {}
-
-    @property
-    def cached_at(self) -> Path | None:
-        return self.cache.bin_path if self.cache is not None else None
 
     def append(self, ids: np.ndarray) -> None:
         self._write(np.ascontiguousarray(ids, dtype=self.dtype))
         self.num_tokens += len(ids)
 
     def _write(self, array: np.ndarray) -> None:
+        """A failed write to the cache's file (a full disk) is a CacheWriteError."""
         data = memoryview(array).cast("B")
-        with self._cache_errors():
-            self.file.write(data)
-        self.crc32 = zlib.crc32(data, self.crc32)
-        self.num_bytes += len(data)
-
-    @contextmanager
-    def _cache_errors(self) -> Iterator[None]:
-        """A failed write to the cache's file (a full disk) is a CacheWriteError: the caller
-        tokenizes without the cache. Without one, the error is the caller's to see."""
         try:
-            yield
+            self.file.write(data)
+            self.file.flush()  # all on disk whenever finish() maps the file
         except OSError as err:
             if self.cache is None:
                 raise
             raise CacheWriteError(err.errno, f"{self.cache.directory}: {err.strerror}") from err
+        self.crc32 = zlib.crc32(data, self.crc32)
+        self.num_bytes += len(data)
 
-    def finish(self, document_lengths: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    def finish(self, document_lengths: np.ndarray | None = None) -> list[np.ndarray]:
         """The ids (and the documents' lengths, when given), memory-mapped from the file."""
         self.arrays["ids"] = {"dtype": self.dtype.name, "offset": 0, "count": self.num_tokens}
         if document_lengths is not None:
-            lengths = np.ascontiguousarray(document_lengths, dtype=np.uint32)
             self._write(np.zeros(-self.num_bytes % 8, dtype=np.uint8))  # aligned for mapping
-            self.arrays["document_lengths"] = {
-                "dtype": "uint32",
-                "offset": self.num_bytes,
-                "count": len(lengths),
-            }
-            self._write(lengths)
-        with self._cache_errors():
-            self.file.flush()
-        mapped = tuple(
-            _map(self.file, np.dtype(spec["dtype"]), spec["count"], spec["offset"])
-            for spec in self.arrays.values()
-        )
+            spec = {"dtype": "uint32", "offset": self.num_bytes, "count": len(document_lengths)}
+            self.arrays["document_lengths"] = spec
+            self._write(np.ascontiguousarray(document_lengths, dtype=np.uint32))
+        mapped = [_map(self.file, **spec) for spec in self.arrays.values()]
         self.file.close()
         return mapped
 
@@ -220,18 +219,13 @@ class TokenSink:
         if self.cache is None:
             return
         tmp = Path(self.file.name)
-        meta.update(
-            format=FORMAT_VERSION,
-            key=self.cache.key,
-            bytes=self.num_bytes,
-            crc32=self.crc32,
-            arrays=self.arrays,
-        )
+        meta.update(format=FORMAT_VERSION, key=self.cache.key, bytes=self.num_bytes)
+        meta.update(crc32=self.crc32, arrays=self.arrays)
         try:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())  # the data is on disk before a name points to it
             os.replace(tmp, self.cache.bin_path)
-            self.cache.write_meta(meta)
+            atomic_write_text(self.cache.meta_path, json.dumps(meta, indent=1))
         except OSError as err:
             log.warning("token cache %s not written (%s)", self.cache.bin_path, err)
             self.cache = None
@@ -244,35 +238,11 @@ class TokenSink:
             Path(self.file.name).unlink(missing_ok=True)
 
 
-class MemorySink(TokenSink):
-    """Ids kept in memory: what is left when the cache's disk fills up half-way."""
-
-    def __init__(self, dtype: np.dtype):
-        self.dtype = np.dtype(dtype)
-        self.cache = None
-        self.num_tokens = 0
-        self.pieces: list[np.ndarray] = []
-
-    def append(self, ids: np.ndarray) -> None:
-        self.pieces.append(np.asarray(ids, dtype=self.dtype))
-        self.num_tokens += len(ids)
-
-    def finish(self, document_lengths: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
-        ids = np.concatenate(self.pieces) if self.pieces else np.zeros(0, self.dtype)
-        if document_lengths is None:
-            return (ids,)
-        return ids, np.asarray(document_lengths, dtype=np.uint32)
-
-    def commit(self, meta: dict[str, Any]) -> None:
-        pass
-
-    def discard(self) -> None:
-        self.pieces = []
-
-
-def _map(file: Path | IO[bytes], dtype: np.dtype, count: int, offset: int = 0) -> np.ndarray:
+def _map(file: Path | IO[bytes], dtype: str, count: int, offset: int = 0) -> np.ndarray:
     if count == 0:  # mmap cannot map an empty range
         return np.zeros(0, dtype=dtype)
+    if isinstance(file, io.BytesIO):  # a copy: the BytesIO is closed next
+        return np.frombuffer(bytearray(file.getbuffer()), dtype, count, offset)
     # mode "c": writable for torch.from_numpy (no warning), yet never writes to the file.
     return np.memmap(file, dtype=dtype, mode="c", shape=(count,), offset=offset)
 
@@ -284,8 +254,6 @@ def _host() -> str:
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
+    except OSError as err:  # PermissionError: another user's process, alive
+        return not isinstance(err, ProcessLookupError)
     return True

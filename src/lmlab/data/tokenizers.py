@@ -1,8 +1,6 @@
-"""Tokenizers behind one small interface: characters, or BPE through tiktoken.
-
-A tokenizer's `state()` is plain data (lists, strings, numbers) so that a checkpoint
-can carry it and be loaded with `torch.load(..., weights_only=True)`.
-"""
+"""Tokenizers behind one small interface, `Tokenizer` (a new kind is one class here):
+characters, or BPE through tiktoken. `state()` is plain data (lists, strings, numbers): a
+checkpoint carries it and loads with `torch.load(..., weights_only=True)`."""
 
 from __future__ import annotations
 
@@ -10,6 +8,8 @@ import base64
 import binascii
 import os
 import re
+from collections.abc import Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,8 +19,7 @@ from numpy.typing import DTypeLike
 from lmlab.errors import LmlabError
 
 EOT = "<|endoftext|>"
-# Encodings that are the same BPE under another name: `gpt2` downloads two extra files,
-# `r50k_base` is the identical encoding from a single cached file (works offline).
+# one BPE, two names: `gpt2` downloads two extra files, `r50k_base` is one cached file
 ENCODING_ALIASES = {"gpt2": "r50k_base"}
 # tiktoken's ranks are 32-bit and <|endoftext|> takes the rank after the largest one.
 MAX_RANK = 2**32 - 2
@@ -28,47 +27,71 @@ RANKS_FILE_HELP = (
     "give a .tiktoken ranks file as tiktoken writes them: one 'base64-token rank' line per "
     "token, every token and every rank different, covering all 256 single bytes"
 )
-# ASCII digits only: int() would also take '+1', '1_000' and other scripts' digits.
-_RANK_TEXT = re.compile(r"[0-9]+")
+_GPT2_RE = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+_RANK_TEXT = re.compile(r"[0-9]+")  # int() would also take '+1', '1_000' and other digits
 
 
 class Tokenizer(Protocol):
-    name: str
-    boundary: str  # joins documents into one stream
+    """What the data path asks of a tokenizer."""
+
+    piece_bytes: int  # text per piece when a file is tokenized piece by piece
 
     @property
     def vocab_size(self) -> int: ...
-
     @property
-    def boundary_id(self) -> int: ...
-
+    def boundary_id(self) -> int: ...  # the token that joins documents into one stream
     def encode(self, text: str) -> np.ndarray: ...
-
+    # the documents' ids joined with the boundary token, and each document's length in tokens
+    def encode_documents(self, documents: list[str]) -> tuple[np.ndarray, np.ndarray]: ...
+    # the ids of each piece of one text (no boundaries), in order
+    def encode_pieces(self, pieces: Iterable[str], dtype: DTypeLike) -> Iterator[np.ndarray]: ...
+    def unknown_characters(self, text: str) -> dict[str, int]: ...  # with their counts
     def decode(self, ids: list[int] | np.ndarray) -> str: ...
+    def state(self) -> dict[str, Any]: ...  # plain data, for a checkpoint
 
-    def state(self) -> dict[str, Any]: ...
+
+def document_views(ids: np.ndarray, lengths: np.ndarray, start: int = 0) -> list[np.ndarray]:
+    """Each document of `encode_documents`' ids (from `start`), less its boundary token."""
+    lengths = lengths.astype(np.int64)  # uint32 + int64 would promote to float64
+    starts = start + np.concatenate([[0], np.cumsum(lengths[:-1] + 1)])
+    return [ids[s : s + n] for s, n in zip(starts.tolist(), lengths.tolist(), strict=True)]
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer that holds every id: mapped pages count in memory."""
+    return np.min_scalar_type(vocab_size - 1)
+
+
+def unknown_characters_message(
+    unknown: dict[str, int], vocabulary: str = "the vocabulary", counts: bool = False
+) -> str:
+    """The one wording for characters a vocabulary lacks, the most frequent first:
+    `2 character(s) that are not in the vocabulary: 'x', 'z'` (`'x' x3` with `counts`)."""
+    chars = sorted(unknown, key=lambda c: (-unknown[c], c))
+    shown = ", ".join(f"{c!r} x{unknown[c]}" if counts else repr(c) for c in chars[:20])
+    more = f" and {len(chars) - 20} more" if len(chars) > 20 else ""
+    return f"{len(chars)} character(s) that are not in {vocabulary}: {shown}{more}"
 
 
 class CharTokenizer:
     """The vocabulary is the sorted set of distinct characters; ids index into it."""
 
     boundary = "\n"
+    piece_bytes = 16 << 20  # a few hundred MB of temporaries per piece (code points, ids)
 
     def __init__(self, chars: list[str]):
         if not chars:
             raise LmlabError("a character vocabulary needs at least one character")
-        self.name = "char"
         self.itos: list[str] = list(chars)
+        self.vocab_size = len(self.itos)
         self.stoi: dict[str, int] = {c: i for i, c in enumerate(self.itos)}
         codepoints = np.array([ord(c) for c in self.itos], dtype=np.int64)
         if np.any(np.diff(codepoints) <= 0):
             raise LmlabError("character vocabulary must be sorted and without repeats")
-        # A table from code point to id lets encode() look every character up in one gather
-        # (O(n), unlike a search); its last entry, -1, stands for every code point above.
+        # code point -> id, one gather for a whole text; the last entry, -1, is every one above
         self._table = np.full(int(codepoints[-1]) + 2, -1, dtype=np.int32)
         self._table[codepoints] = np.arange(len(codepoints), dtype=np.int32)
-        # Latin-1 text with at most 255 characters (English): bytes.translate, ~10x faster;
-        # 255 marks a character outside the vocabulary.
+        # cheaper still for ASCII text and at most 255 characters: bytes.translate (255: unknown)
         self._bytes_table: bytes | None = None
         if codepoints[-1] < 256 and len(codepoints) < 255:
             table = np.full(256, 255, dtype=np.uint8)
@@ -76,19 +99,12 @@ class CharTokenizer:
             self._bytes_table = table.tobytes()
 
     @classmethod
-    def fit(cls, text: str) -> CharTokenizer:
-        return cls.from_codepoints(np.unique(text_codepoints(text)))
-
-    @classmethod
-    def from_codepoints(cls, codepoints: np.ndarray) -> CharTokenizer:
-        """The vocabulary of the distinct code points seen (sorted), plus the boundary."""
-        chars = {chr(c) for c in np.unique(codepoints).tolist()}
-        chars.add(cls.boundary)  # documents are joined with it, so it must be encodable
-        return cls(sorted(chars))
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.itos)
+    def fit(cls, text: str | Iterable[str]) -> CharTokenizer:
+        """The sorted distinct characters of a text (or of its pieces), plus the boundary."""
+        seen = np.zeros(0x110000, dtype=bool)  # one flag per Unicode code point
+        for piece in [text] if isinstance(text, str) else text:
+            seen[cls._codepoints(piece)] = True
+        return cls(sorted({chr(c) for c in np.flatnonzero(seen).tolist()} | {cls.boundary}))
 
     @property
     def boundary_id(self) -> int:
@@ -99,18 +115,34 @@ class CharTokenizer:
             ids = np.frombuffer(text.encode("ascii").translate(self._bytes_table), np.uint8)
             if not (ids == 255).any():
                 return ids.astype(dtype)
-        codepoints = text_codepoints(text).astype(np.uint32, copy=False)
-        ids = self._table[np.minimum(codepoints, len(self._table) - 1)]
-        unknown = ids < 0
-        if unknown.any():
-            missing = sorted({chr(c) for c in codepoints[unknown].tolist()})
-            shown = ", ".join(repr(c) for c in missing[:20])
-            more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
-            raise LmlabError(
-                f"text has {len(missing)} character(s) outside the vocabulary: {shown}{more}; "
-                "use only characters of the training corpus"
-            )
+        ids = self._ids(self._codepoints(text))
+        if (ids < 0).any():
+            unknown = unknown_characters_message(self.unknown_characters(text))
+            raise LmlabError(f"text has {unknown}; use only characters of the training corpus")
         return ids.astype(dtype)
+
+    def encode_documents(self, documents: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        ids = self.encode(self.boundary.join(documents))
+        return ids, np.array([len(d) for d in documents], dtype=np.int64)
+
+    def encode_pieces(self, pieces: Iterable[str], dtype: DTypeLike) -> Iterator[np.ndarray]:
+        return (self.encode(text, dtype) for text in pieces)
+
+    def unknown_characters(self, text: str) -> dict[str, int]:
+        codepoints = self._codepoints(text)
+        found, counts = np.unique(codepoints[self._ids(codepoints) < 0], return_counts=True)
+        return {chr(c): n for c, n in zip(found.tolist(), counts.tolist(), strict=True)}
+
+    @staticmethod
+    def _codepoints(text: str) -> np.ndarray:
+        if text.isascii():  # a flag of the string, free to ask: one byte a character
+            return np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+        return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+    def _ids(self, codepoints: np.ndarray) -> np.ndarray:
+        """Each code point's id; -1 for one outside the vocabulary."""
+        index = np.minimum(codepoints.astype(np.uint32, copy=False), len(self._table) - 1)
+        return self._table[index]
 
     def decode(self, ids: list[int] | np.ndarray) -> str:
         return "".join(self.itos[int(i)] for i in ids)
@@ -122,109 +154,91 @@ class CharTokenizer:
 class TiktokenTokenizer:
     """GPT-2 style BPE from tiktoken: an encoding name or a local `.tiktoken` ranks file."""
 
-    boundary = EOT
+    piece_bytes = 2 << 20  # times one piece per thread: tiktoken returns lists of Python ints
 
     def __init__(self, name: str, ranks: dict[bytes, int] | None = None):
         import tiktoken
 
         self.name = name
         self._ranks = ranks
-        self._decodable: set[int] | None = None  # ids with bytes, for decode() (gapped ranks)
-        if ranks is not None:
+        if ranks is None:
+            self.encoding = _load_encoding(ENCODING_ALIASES.get(name, name))
+        else:
             # tiktoken panics (a Rust panic, not an exception) on shared ranks, and on text
             # with a byte that has no token: both are refused here, before it sees them.
-            _check_ranks(ranks, name)
+            problems = ["two tokens share a rank"] if len(set(ranks.values())) < len(ranks) else []
+            if ranks and not 0 <= min(ranks.values()) <= max(ranks.values()) <= MAX_RANK:
+                problems.append(f"a rank is outside 0..{MAX_RANK}")
+            if missing := _missing_bytes(ranks):
+                problems.append(f"{missing} of the 256 single bytes have no token")
+            if problems:
+                raise LmlabError(f"the BPE ranks of {name} are not usable: {'; '.join(problems)}")
             self.encoding = tiktoken.Encoding(
                 name=Path(name).stem,
-                pat_str=_GPT2_PATTERN,
+                pat_str=_GPT2_RE,  # GPT-2's pre-tokenizer
                 mergeable_ranks=ranks,
-                # After the largest rank: len(ranks) would be a token's rank too when the
-                # ranks are not 0..n-1.
+                # after the largest rank: len(ranks) is a token's rank when ranks have gaps
                 special_tokens={EOT: max(ranks.values()) + 1},
             )
-        else:
-            self.encoding = _load_encoding(ENCODING_ALIASES.get(name, name))
         if EOT not in self.encoding.special_tokens_set:
             raise LmlabError(f"encoding {name!r} has no {EOT} token to separate documents")
-
-    @classmethod
-    def from_ranks_file(cls, path: str | Path) -> TiktokenTokenizer:
-        path = Path(path).expanduser()
-        return cls(str(path), read_ranks_file(path))
-
-    @property
-    def vocab_size(self) -> int:
-        return self.encoding.n_vocab
-
-    @property
-    def boundary_id(self) -> int:
-        return self.encoding.eot_token
+        self.vocab_size = self.encoding.n_vocab
+        self.boundary_id = self.encoding.eot_token
+        self._threads = os.cpu_count() or 1
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.encoding.encode(text, allowed_special={EOT}), dtype=np.int64)
 
-    def encode_documents(self, documents: list[str]) -> np.ndarray:
-        """Encode documents on several threads and join them with the boundary token."""
-        pieces = self.encoding.encode_ordinary_batch(documents, num_threads=os.cpu_count() or 1)
-        out: list[int] = []
-        for i, piece in enumerate(pieces):
-            if i:
-                out.append(self.boundary_id)
-            out.extend(piece)
-        return np.asarray(out, dtype=np.int64)
+    def encode_documents(self, documents: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        pieces = self.encoding.encode_ordinary_batch(documents, num_threads=self._threads)
+        lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+        ids = np.full(int(lengths.sum()) + len(pieces) - 1, self.boundary_id, np.int64)
+        for view, piece in zip(document_views(ids, lengths), pieces, strict=True):
+            view[:] = piece
+        return ids, lengths
+
+    def encode_pieces(self, pieces: Iterable[str], dtype: DTypeLike) -> Iterator[np.ndarray]:
+        pieces = iter(pieces)
+        while batch := list(islice(pieces, self._threads)):  # one piece a thread
+            for ids in self.encoding.encode_ordinary_batch(batch, num_threads=self._threads):
+                yield np.asarray(ids, dtype=dtype)
+
+    def unknown_characters(self, text: str) -> dict[str, int]:
+        return {}  # every byte has a token: BPE encodes any text
 
     def decode(self, ids: list[int] | np.ndarray) -> str:
         ids = [int(i) for i in ids]
         try:
             return self.encoding.decode(ids)
         except KeyError:
-            # An id in a gap of a ranks file's numbering is in the vocabulary (the model has a
-            # row for it, and may sample it) but stands for no bytes: shown as U+FFFD.
-            if self._decodable is None:
-                self._decodable = {self.boundary_id, *(self._ranks or {}).values()}
-            unknown = "\ufffd".encode()
-            pieces = [
-                self.encoding.decode_single_token_bytes(i) if i in self._decodable else unknown
-                for i in ids
-            ]
-            return b"".join(pieces).decode("utf-8", errors="replace")
-
-    def count_characters(self, ids: np.ndarray, piece: int = 1 << 20) -> int:
-        """len(decode(ids)) without building the text: UTF-8 bytes that start a character."""
-        count = 0
-        for start in range(0, len(ids), piece):
-            data = self.encoding.decode_bytes(ids[start : start + piece].tolist())
-            count += int(np.count_nonzero(np.frombuffer(data, np.uint8) & 0xC0 != 0x80))
-        return count
+            # an id in a gap of the ranks' numbering: a row of the model, but no bytes
+            known = {self.boundary_id, *(self._ranks or {}).values()}
+            get = self.encoding.decode_single_token_bytes
+            data = b"".join(get(i) if i in known else "\ufffd".encode() for i in ids)
+            return data.decode("utf-8", errors="replace")
 
     def state(self) -> dict[str, Any]:
-        if self._ranks is None:
-            return {"kind": "tiktoken", "name": self.name}
-        by_rank = sorted(self._ranks.items(), key=lambda item: item[1])
-        state: dict[str, Any] = {
-            "kind": "tiktoken",
-            "name": self.name,
-            "ranks": [base64.b64encode(token).decode("ascii") for token, _ in by_rank],
-        }
-        values = [rank for _, rank in by_rank]
-        if values[-1] != len(values) - 1:  # not 0..n-1: the ids must come back as they were
-            state["rank_values"] = values
+        state: dict[str, Any] = {"kind": "tiktoken", "name": self.name}
+        if self._ranks is not None:
+            by_rank = sorted(self._ranks.items(), key=lambda item: item[1])
+            state["ranks"] = [base64.b64encode(token).decode("ascii") for token, _ in by_rank]
+            values = [rank for _, rank in by_rank]
+            if values[-1] != len(values) - 1:  # not 0..n-1: ids must come back as they were
+                state["rank_values"] = values
         return state
-
-
-_GPT2_PATTERN = (
-    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-)
 
 
 def read_ranks_file(path: str | Path) -> dict[bytes, int]:
     """The ranks of a `.tiktoken` file (`base64-token rank` lines), read from the file itself
-    on every call: tiktoken's loader copies a local file into TIKTOKEN_CACHE_DIR under the
-    hash of its path, and goes on using that copy after the file is replaced. Anything that
-    is not a complete ranks file is one LmlabError that names the line."""
+    each time (tiktoken's loader caches a local file by its path, and goes on using the copy
+    after the file is replaced). Anything else is one LmlabError that names the line."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise LmlabError(f"tiktoken ranks file not found: {path} (check data.tokenizer)")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise LmlabError(f"cannot read the tiktoken ranks file {path}: {err}") from None
 
     def bad(number: int, problem: str) -> LmlabError:
         return LmlabError(
@@ -232,78 +246,52 @@ def read_ranks_file(path: str | Path) -> dict[bytes, int]:
         )
 
     ranks: dict[bytes, int] = {}
-    token_lines: dict[bytes, int] = {}
-    rank_lines: dict[int, int] = {}
-    try:
-        with path.open("rb") as file:
-            for number, raw in enumerate(file, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise bad(number, "is not UTF-8 text") from None
-                if number == 1:
-                    line = line.removeprefix("\ufeff")  # the byte-order mark of some editors
-                fields = line.split()
-                if not fields:
-                    continue
-                if len(fields) != 2:
-                    count = f"{len(fields)} field{'s' if len(fields) > 1 else ''}"
-                    raise bad(number, f"has {count}, not 2: {_shown(line.strip())}")
-                token_text, rank_text = fields
-                try:
-                    token = base64.b64decode(token_text, validate=True)
-                except (binascii.Error, ValueError):
-                    raise bad(number, f"token {_shown(token_text)} is not base64") from None
-                if not _RANK_TEXT.fullmatch(rank_text):
-                    raise bad(number, f"rank {_shown(rank_text)} is not a whole number")
-                # the length first: int() refuses strings of thousands of digits
-                if len(rank_text) > len(str(MAX_RANK)) or int(rank_text) > MAX_RANK:
-                    problem = f"is above {MAX_RANK}, the largest tiktoken takes"
-                    raise bad(number, f"rank {_shown(rank_text)} {problem}")
-                rank = int(rank_text)
-                if token in token_lines:
-                    raise bad(number, f"token {token_text} is also on line {token_lines[token]}")
-                if rank in rank_lines:
-                    raise bad(number, f"rank {rank} is also on line {rank_lines[rank]}")
-                ranks[token] = rank
-                token_lines[token] = rank_lines[rank] = number
-    except OSError as err:
-        raise LmlabError(f"cannot read the tiktoken ranks file {path}: {err}") from None
+    lines: dict[bytes | int, int] = {}  # where each token (bytes) and rank (int) was read
+    # less the byte-order mark some editors write
+    for number, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad(number, "is not UTF-8 text") from None
+        if not (fields := line.split()):
+            continue
+        if len(fields) != 2:
+            count = f"{len(fields)} field{'s' if len(fields) > 1 else ''}"
+            raise bad(number, f"has {count}, not 2: {_shown(line.strip())}")
+        token_text, rank_text = fields
+        try:
+            token = base64.b64decode(token_text, validate=True)
+        except (binascii.Error, ValueError):
+            raise bad(number, f"token {_shown(token_text)} is not base64") from None
+        if not _RANK_TEXT.fullmatch(rank_text):
+            raise bad(number, f"rank {_shown(rank_text)} is not a whole number")
+        # the length first: int() refuses strings of thousands of digits
+        if len(rank_text) > len(str(MAX_RANK)) or int(rank_text) > MAX_RANK:
+            problem = f"is above {MAX_RANK}, the largest tiktoken takes"
+            raise bad(number, f"rank {_shown(rank_text)} {problem}")
+        rank = int(rank_text)
+        for key, what in ((token, f"token {token_text}"), (rank, f"rank {rank}")):
+            if key in lines:
+                raise bad(number, f"{what} is also on line {lines[key]}")
+        ranks[token] = rank
+        lines[token] = lines[rank] = number
     if not ranks:
         raise LmlabError(
             f"{path} is not a tiktoken ranks file: it has no tokens; {RANKS_FILE_HELP}"
         )
-    missing = _missing_bytes(ranks)
-    if missing:
+    if missing := _missing_bytes(ranks):
         raise LmlabError(
-            f"{path} is not a complete tiktoken ranks file: {_bytes_shown(missing)} of the 256 "
-            f"single bytes have no token, so text with them could not be encoded; "
-            f"{RANKS_FILE_HELP}"
+            f"{path} is not a complete tiktoken ranks file: {missing} of the 256 single bytes "
+            f"have no token, so text with them could not be encoded; {RANKS_FILE_HELP}"
         )
     return ranks
 
 
-def _check_ranks(ranks: dict[bytes, int], name: str) -> None:
-    """What tiktoken needs of ranks from any source (a file, a checkpoint's state)."""
-    problems = []
-    if len(set(ranks.values())) != len(ranks):
-        problems.append("two tokens share a rank")
-    if ranks and not 0 <= min(ranks.values()) <= max(ranks.values()) <= MAX_RANK:
-        problems.append(f"a rank is outside 0..{MAX_RANK}")
-    missing = _missing_bytes(ranks)
-    if missing:
-        problems.append(f"{_bytes_shown(missing)} of the 256 single bytes have no token")
-    if problems:
-        raise LmlabError(f"the BPE ranks of {name} are not usable: {'; '.join(problems)}")
-
-
-def _missing_bytes(ranks: dict[bytes, int]) -> list[int]:
-    return [b for b in range(256) if bytes([b]) not in ranks]
-
-
-def _bytes_shown(missing: list[int]) -> str:
-    shown = ", ".join(f"0x{b:02x}" for b in missing[:8])
-    return f"{len(missing)} ({shown}{', ...' if len(missing) > 8 else ''})"
+def _missing_bytes(ranks: dict[bytes, int]) -> str:
+    """The single bytes without a token, as `2 (0x00, 0x68)`; "" when there are none."""
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    shown = ", ".join(f"0x{b:02x}" for b in missing[:8]) + (", ..." if len(missing) > 8 else "")
+    return f"{len(missing)} ({shown})" if missing else ""
 
 
 def _shown(text: str, limit: int = 40) -> str:
@@ -335,14 +323,11 @@ def _load_encoding(name: str):
         ) from err
 
 
-def build_tokenizer(spec: str, corpus_text: str | None = None) -> Tokenizer:
-    """`char` (fitted on the corpus), a tiktoken encoding name, or a `.tiktoken` ranks file."""
-    if spec == "char":
-        if corpus_text is None:
-            raise LmlabError("a char tokenizer is fitted on a corpus; none was given")
-        return CharTokenizer.fit(corpus_text)
+def build_tokenizer(spec: str) -> Tokenizer:
+    """A tiktoken encoding name or `.tiktoken` ranks file (`char` is `CharTokenizer.fit`)."""
     if spec.endswith(".tiktoken") or os.sep in spec:
-        return TiktokenTokenizer.from_ranks_file(spec)
+        path = Path(spec).expanduser()
+        return TiktokenTokenizer(str(path), read_ranks_file(path))
     return TiktokenTokenizer(spec)
 
 
@@ -350,26 +335,10 @@ def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
     kind = state.get("kind")
     if kind == "char":
         return CharTokenizer(list(state["chars"]))
-    if kind == "tiktoken":
-        if "ranks" in state:
-            # Checkpoints of ranks that are 0..n-1 store only the tokens, in rank order.
-            values = state.get("rank_values") or range(len(state["ranks"]))
-            tokens = [base64.b64decode(tok) for tok in state["ranks"]]
-            return TiktokenTokenizer(state["name"], dict(zip(tokens, values, strict=True)))
-        return TiktokenTokenizer(state["name"])
-    raise LmlabError(f"unknown tokenizer kind {kind!r} in checkpoint")
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest unsigned integer that holds every id: one byte a token for most character
-    vocabularies, two for GPT-2's BPE. The stream is memory-mapped, and the pages a run
-    touches count in its memory: a 1 GB English corpus maps 1 GB, not 2 (or 8 as int64)."""
-    if vocab_size <= 1 << 8:
-        return np.dtype(np.uint8)
-    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
-
-
-def text_codepoints(text: str) -> np.ndarray:
-    if text.isascii():  # a flag of the string: free to ask, and a 4x smaller array
-        return np.frombuffer(text.encode("ascii"), dtype=np.uint8)
-    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    if kind != "tiktoken":
+        raise LmlabError(f"unknown tokenizer kind {kind!r} in checkpoint")
+    ranks = None
+    if "ranks" in state:  # ranks 0..n-1 are stored as the tokens alone, in rank order
+        values = state.get("rank_values") or range(len(state["ranks"]))
+        ranks = dict(zip(map(base64.b64decode, state["ranks"]), values, strict=True))
+    return TiktokenTokenizer(state["name"], ranks)
