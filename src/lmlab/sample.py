@@ -1,21 +1,42 @@
-"""`lmlab-sample ckpt_path=PATH [prompt=... max_new_tokens=... ...]`: text from a checkpoint."""
+"""`lmlab-sample ckpt_path=PATH [prompt=... max_new_tokens=... ...]`: text from a checkpoint.
+
+Plain `key=value` arguments, not Hydra overrides: a prompt is user text and reaches the
+tokenizer byte for byte (quotes, commas, `${...}` and all); nothing here composes a config.
+"""
 
 from __future__ import annotations
 
-import os
-import re
 import sys
+from typing import Any
 
-import hydra
-import torch
-from omegaconf import DictConfig
-
-from lmlab.checkpoint import load_for_sampling
+from lmlab.cli import number, parse_key_values, refuse
 from lmlab.errors import LmlabError
-from lmlab.generation import sample_text
+
+KEYS = {
+    "ckpt_path": "the checkpoint (a run's checkpoints/last.ckpt)",
+    "prompt": "the text to continue, taken literally (empty: start a new document)",
+    "max_new_tokens": "tokens to generate (500)",
+    "num_samples": "how many texts (1)",
+    "temperature": "0 is greedy (0.8)",
+    "top_k": "keep the k likeliest tokens (null: all)",
+    "top_p": "keep the smallest set of tokens holding this probability (null: all)",
+    "seed": "the same seed gives the same texts (1337)",
+    "device": "auto | cpu | cuda (auto)",
+}
+# the numeric keys: how each is read, and its default (None: no cut)
+NUMBERS: dict[str, tuple[type, Any]] = {
+    "max_new_tokens": (int, 500),
+    "num_samples": (int, 1),
+    "temperature": (float, 0.8),
+    "top_k": (int, None),
+    "top_p": (float, None),
+    "seed": (int, 1337),
+}
 
 
 def resolve_device(name: str) -> str:
+    import torch
+
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -27,60 +48,35 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def sample(cfg: DictConfig) -> list[str]:
-    if cfg.ckpt_path is None:
+def sample(values: dict[str, str]) -> list[str]:
+    """The texts that `lmlab-sample` prints, from its `key=value` arguments."""
+    from lmlab.checkpoint import load_for_sampling
+    from lmlab.generation import SamplingSettings, sample_text
+
+    if not values.get("ckpt_path"):
         raise LmlabError("give the checkpoint to sample from: lmlab-sample ckpt_path=PATH")
-    device = resolve_device(cfg.device)
-    model, tokenizer = load_for_sampling(cfg.ckpt_path, device)
-    return sample_text(
-        model,
-        tokenizer,
-        prompt=cfg.prompt,
-        max_new_tokens=cfg.max_new_tokens,
-        num_samples=cfg.num_samples,
-        temperature=cfg.temperature,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
-        seed=cfg.seed,
-        device=device,
-    )
+    read = {k: number(values, k, kind, default) for k, (kind, default) in NUMBERS.items()}
+    settings = SamplingSettings(prompt=values.get("prompt", ""), **read)
+    device = resolve_device(values.get("device", "auto"))
+    model, tokenizer = load_for_sampling(values["ckpt_path"], device)
+    return sample_text(model, tokenizer, settings, device=device)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="sample")
-def _hydra_main(cfg: DictConfig) -> None:
+def main(argv: list[str] | None = None) -> None:
     try:
-        texts = sample(cfg)
+        values = parse_key_values(
+            "lmlab-sample",
+            "Text from a checkpoint alone.",
+            KEYS,
+            sys.argv[1:] if argv is None else argv,
+        )
+        texts = sample(values)
     except LmlabError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # asked for the traceback
-            raise
-        print(f"lmlab-sample: error: {err}", file=sys.stderr)
-        sys.exit(1)
+        refuse("lmlab-sample", err)
     for i, text in enumerate(texts):
         if len(texts) > 1:
             print(f"--- sample {i + 1} ---")
         print(text)
-
-
-def quote_prompt(arg: str) -> str:
-    """`prompt=...` taken literally: any script, commas, colons, quotes, `${`.
-
-    Hydra's override grammar would read `prompt=Hello, world` as a sweep over two values and
-    refuse `prompt=안녕` or `prompt=€` (unquoted values are ASCII), so the value is quoted
-    for Hydra here. A value the user already quoted for Hydra (`'prompt="..."'`) is kept."""
-    key, sep, value = arg.partition("=")
-    if not sep or key.lstrip("+~") != "prompt":
-        return arg
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return arg
-    # Hydra: a backslash is literal unless it precedes a quote or ends the string
-    value = re.sub(r"(\\*)('|\Z)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value)
-    value = value.replace("${", "\\${")  # OmegaConf would resolve an interpolation
-    return f"{key}='{value}'"
-
-
-def main() -> None:
-    sys.argv[1:] = [quote_prompt(arg) for arg in sys.argv[1:]]
-    _hydra_main()
 
 
 if __name__ == "__main__":
