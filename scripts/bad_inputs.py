@@ -1,4 +1,4 @@
-"""Run every bad input of issue 6 through the real CLI and print a markdown table.
+"""Run every documented bad input through the real CLI and print a markdown table.
 
     python scripts/bad_inputs.py > docs/errors-table.md
 

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 from hydra import compose, initialize_config_module
@@ -45,7 +44,7 @@ from bench_data import (  # noqa: E402  (a sibling script, not a package)
 from bench_generation import bench_generation  # noqa: E402
 
 from lmlab.lit_module import lm_loss  # noqa: E402
-from lmlab.train import _instantiate_callbacks, build_lit_module  # noqa: E402
+from lmlab.train import build_run  # noqa: E402
 
 EXPERIMENT = "shakespeare_gpt_cpu"
 
@@ -85,25 +84,17 @@ def compose_experiment(output_dir: Path, steps: int, overrides: list[str]):
 
 
 def lightning_tokens_per_sec(cfg, warmup: int) -> float:
-    L.seed_everything(cfg.seed, verbose=False)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.setup("fit")
-    module = build_lit_module(cfg.model, datamodule)
     timer = StepTimer(warmup)
-    callbacks = [*_instantiate_callbacks(cfg), timer]
-    loggers = [hydra.utils.instantiate(node) for node in cfg.logger.values()]
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    trainer.fit(module, datamodule=datamodule)
+    run = build_run(cfg, extra_callbacks=(timer,))
+    run.trainer.fit(run.module, datamodule=run.datamodule)
     tokens = (cfg.trainer.max_steps - warmup) * cfg.data.batch_size * cfg.data.block_size
     return tokens / timer.seconds
 
 
 def plain_loop_tokens_per_sec(cfg, warmup: int) -> tuple[float, torch.nn.Module]:
     """The same module, batches, AdamW, schedule and clipping, in a hand-written loop."""
-    L.seed_everything(cfg.seed, verbose=False)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.setup("fit")
-    module = build_lit_module(cfg.model, datamodule)
+    run = build_run(cfg)
+    datamodule, module = run.datamodule, run.module
     model = module.model.train()
     optimizer, scheduler = module.build_optimizer(cfg.trainer.max_steps)  # as the Trainer's
     clip = cfg.trainer.gradient_clip_val

@@ -15,8 +15,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lmlab.atomic_write import atomic_write_json, atomic_write_text
 from lmlab.errors import LmlabError
-from lmlab.files import atomic_write_json, atomic_write_text
+from lmlab.lit_module import is_logging_step
+from lmlab.lr_finder import LearningRateRangeTest
+from lmlab.private_apis import note_sigterm
 
 
 class TokensPerSecond(L.Callback):
@@ -36,7 +39,7 @@ class TokensPerSecond(L.Callback):
         tokens = batch[0].numel() * trainer.world_size
         self._tokens += tokens
         self.total_tokens += tokens
-        if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0 and self._start:
+        if is_logging_step(trainer, trainer.global_step) and self._start:
             elapsed = time.perf_counter() - self._start
             self.train_seconds += elapsed
             pl_module.log("train/tokens_per_sec", self._tokens / max(elapsed, 1e-9))
@@ -94,7 +97,8 @@ class RunSummary(L.Callback):
 
     @rank_zero_only
     def write(self, trainer, pl_module, error: str | None = None) -> None:
-        throughput = next((c for c in trainer.callbacks if isinstance(c, TokensPerSecond)), None)
+        throughput = _find(trainer, TokensPerSecond)
+        lr_finder = _find(trainer, LearningRateRangeTest)
         summary: dict[str, Any] = {
             "status": self.status,
             "best": self.best,
@@ -108,6 +112,7 @@ class RunSummary(L.Callback):
             "wall_time_sec": round(time.time() - self.start, 3),
             "device": str(pl_module.device),
             "torch": torch.__version__,
+            **({"lr_find": lr_finder.result} if lr_finder else {}),
             **self.extra,
         }
         if error:
@@ -129,11 +134,9 @@ def record_failure(output_dir: str | Path, error: str, started: float) -> None:
             summary = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
             summary = {}
-    summary.setdefault("val/loss", None)
-    summary.setdefault("val/bpc", None)
-    summary.setdefault("wall_time_sec", round(time.time() - started, 3))
-    summary.update(status="failed", error=error)
-    atomic_write_json(path, summary)
+    wall_time = round(time.time() - started, 3)
+    defaults = {"val/loss": None, "val/bpc": None, "wall_time_sec": wall_time}
+    atomic_write_json(path, {**defaults, **summary, "status": "failed", "error": error})
 
 
 class FiniteLossCheck(L.Callback):
@@ -143,7 +146,7 @@ class FiniteLossCheck(L.Callback):
     at every validation."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % max(trainer.log_every_n_steps, 1):
+        if not is_logging_step(trainer, trainer.global_step):
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None and not torch.isfinite(loss).item():
@@ -164,30 +167,16 @@ class FiniteLossCheck(L.Callback):
 
 
 class SampleTextCallback(L.Callback):
-    """After every `every_n_validations`-th validation, generate a few samples from `prompt`
-    and write them to TensorBoard's text tab and to `samples.txt` in the run directory."""
+    """After every `every_n_validations`-th validation, generate a few samples (settings as
+    lmlab-sample's) and write them to TensorBoard's text tab and to `samples.txt` in the run
+    directory."""
 
-    def __init__(
-        self,
-        output_dir: str,
-        every_n_validations: int = 1,
-        prompt: str = "",
-        max_new_tokens: int = 200,
-        num_samples: int = 2,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int = 1337,
-    ) -> None:
+    def __init__(self, output_dir: str, every_n_validations: int = 1, **settings: Any) -> None:
+        from lmlab.generation import SamplingSettings
+
         self.path = Path(output_dir) / "samples.txt"
         self.every_n_validations = max(1, every_n_validations)
-        self.prompt = prompt
-        self.max_new_tokens = max_new_tokens
-        self.num_samples = num_samples
-        self.temperature = temperature
-        self.top_k = top_k
-        self.top_p = top_p
-        self.seed = seed
+        self.settings = SamplingSettings(**settings)
         self._validations = 0
 
     @rank_zero_only
@@ -201,18 +190,7 @@ class SampleTextCallback(L.Callback):
         from lmlab.generation import sample_text
 
         tokenizer = tokenizer_from_state(pl_module.hparams.tokenizer_state)
-        texts = sample_text(
-            pl_module.model,
-            tokenizer,
-            prompt=self.prompt,
-            max_new_tokens=self.max_new_tokens,
-            num_samples=self.num_samples,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            seed=self.seed,
-            device=pl_module.device,
-        )
+        texts = sample_text(pl_module.model, tokenizer, self.settings, device=pl_module.device)
         step = trainer.global_step
         for logger in trainer.loggers:
             if hasattr(logger.experiment, "add_text"):
@@ -234,6 +212,8 @@ class CheckpointOnInterrupt(L.Callback):
     stops at once.
     """
 
+    # Not Lightning's OnExceptionCheckpoint: it saves on any exception and deletes its file at
+    # teardown, while this one saves only on a stop signal, to the last.ckpt a resume reads.
     def __init__(self, dirpath: str, filename: str = "last.ckpt") -> None:
         self.path = Path(dirpath) / filename
         self.signal_name = "SIGTERM"
@@ -254,7 +234,7 @@ class CheckpointOnInterrupt(L.Callback):
         if trainer is None or trainer.received_sigterm:
             raise KeyboardInterrupt  # the second Ctrl-C
         self.signal_name = "Ctrl-C"
-        trainer._signal_connector.received_sigterm = True
+        note_sigterm(trainer)
         print(
             "\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to quit now)",
             file=sys.stderr,
@@ -282,6 +262,10 @@ class CheckpointOnInterrupt(L.Callback):
         if self._previous_handler is not None and _in_main_thread():
             signal.signal(signal.SIGINT, self._previous_handler)
         self._previous_handler = None
+
+
+def _find(trainer: L.Trainer, kind: type) -> Any:
+    return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
 
 
 def _in_main_thread() -> bool:

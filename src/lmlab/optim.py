@@ -13,8 +13,8 @@ from lmlab.errors import LmlabError
 
 
 def fused_adamw_available(device: torch.device) -> bool:
-    """torch has one-kernel AdamW steps for CUDA and (since 2.4) CPU tensors: on a small
-    model the per-tensor loop of the default implementation is 5% of a CPU training step."""
+    """torch has one-kernel AdamW steps for CUDA and (since 2.4) CPU tensors; the default
+    loops over the tensors, which a small model feels on every step."""
     return device.type in ("cuda", "cpu")
 
 
@@ -22,11 +22,9 @@ def build_adamw(model: nn.Module, fused: bool = False, **adamw_kwargs: Any) -> t
     """Decay matrices (linear and embedding weights), not biases or LayerNorm gains."""
     weight_decay = adamw_kwargs.pop("weight_decay", 0.0)
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
     groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     if "betas" in adamw_kwargs:
         adamw_kwargs["betas"] = tuple(adamw_kwargs["betas"])

@@ -4,34 +4,28 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import hydra
-import lightning as L
-import torch
-from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.callbacks import RunSummary, record_failure
-from lmlab.checkpoint import check_resumable
-from lmlab.distributed import distributed_job, use_job_directory_for_ddp_processes
 from lmlab.errors import LmlabError
-from lmlab.hparams import hparam_metrics, log_final_hparams, run_hparams
-from lmlab.lit_module import LanguageModel
-from lmlab.models import check_block_size, hyperparameter_names
-from lmlab.resume import check_same_data, data_fingerprint
-from lmlab.sweeps import (
+from lmlab.runs.sweeps import (
     is_multirun,
     last_sweep_report,
     register_resolvers,
     threads_per_parallel_job,
 )
+
+# torch and Lightning are imported where they are used: `--help`, `--cfg job` and shell
+# completion compose a config and never get that far, and should answer at once.
+if TYPE_CHECKING:
+    import lightning as L
+
+    from lmlab.lit_module import LitLanguageModel
 
 log = logging.getLogger("lmlab")
 
@@ -45,15 +39,19 @@ TRAINING_KEYS = ("name", "compile", "optimizer", "scheduler")
 
 def build_lit_module(
     model_cfg: DictConfig, datamodule: Any, data_cfg: DictConfig | None = None
-) -> LanguageModel:
+) -> LitLanguageModel:
     """The vocabulary size and tokenizer come from the data, never from a hand-typed config.
     `data_cfg` is kept in the checkpoint, so that lmlab-eval can find the same text parts."""
+    from lmlab.checkpoint import data_fingerprint
+    from lmlab.lit_module import LitLanguageModel
+    from lmlab.models import hyperparameter_names
+
     cfg = OmegaConf.to_container(model_cfg, resolve=True)
     hparams = {k: v for k, v in cfg.items() if k not in TRAINING_KEYS}
     hparams["vocab_size"] = datamodule.vocab_size
     if "boundary_id" in hyperparameter_names(cfg["name"]):  # what the MLP sees before a window
         hparams["boundary_id"] = datamodule.boundary_id
-    return LanguageModel(
+    return LitLanguageModel(
         model_name=cfg["name"],
         model_hparams=hparams,
         optimizer=cfg.get("optimizer", {"lr": 1e-3}),
@@ -67,87 +65,93 @@ def build_lit_module(
     )
 
 
-def _instantiate_all(group: DictConfig | None) -> list[Any]:
-    if not group:
-        return []
-    return [hydra.utils.instantiate(node) for node in group.values() if node is not None]
+class Run(NamedTuple):
+    """What one training run is made of, built from its config (see `build_run`)."""
+
+    datamodule: Any
+    module: LitLanguageModel
+    trainer: L.Trainer
+    callbacks: list[Any]
 
 
-def _instantiate_callbacks(cfg: DictConfig) -> list[Any]:
-    callbacks = _instantiate_all(cfg.get("callbacks"))
-    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it may not show
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    return callbacks
+def build_run(cfg: DictConfig, extra_callbacks: tuple[Any, ...] = ()) -> Run:
+    """Data (tokenized, split), the LightningModule and the Trainer with its callbacks and
+    loggers, as `cfg` describes them; nothing is trained yet."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ProgressBar
 
+    from lmlab.models import check_block_size
+    from lmlab.runs.distributed import use_job_directory_for_ddp_processes
 
-def _check_resume(ckpt_path: str | None, module: LanguageModel) -> None:
-    """Before Lightning loads a checkpoint: it exists, is one, and belongs to this data."""
-    if ckpt_path is None:
-        return
-    saved = check_resumable(ckpt_path, module)
-    if saved is not None:
-        check_same_data(ckpt_path, saved, dict(module.hparams))
-
-
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training job; return its summary (also written to `metrics.json`)."""
-    with distributed_job():
-        return _train(cfg)
-
-
-def _train(cfg: DictConfig) -> dict[str, Any]:
-    if (threads := threads_per_parallel_job()) is not None:
-        torch.set_num_threads(threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
     module = build_lit_module(cfg.model, datamodule, cfg.data)
     check_block_size(module.model, datamodule.block_size)  # before anything is written
+    callbacks = [*_instantiate_all(cfg.get("callbacks")), *extra_callbacks]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it may not show
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if (cfg.get("tune") or {}).get("lr_find"):
+        from lmlab.lr_finder import LearningRateRangeTest
+
+        tune = {k: v for k, v in cfg.tune.items() if k != "lr_find"}
+        callbacks.append(LearningRateRangeTest(cfg.paths.output_dir, **tune))
+    use_job_directory_for_ddp_processes()
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    return Run(datamodule, module, trainer, callbacks)
+
+
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
+    if not group:
+        return []
+    return [hydra.utils.instantiate(node) for node in group.values() if node is not None]
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job; return its summary (also written to `metrics.json`)."""
+    from lmlab.runs.distributed import distributed_job
+
+    with distributed_job():
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
+    import torch
+
+    from lmlab.callbacks import RunSummary
+    from lmlab.hparams_tab import hparam_metrics, log_final_hparams, run_hparams
+
+    if (threads := threads_per_parallel_job()) is not None:
+        torch.set_num_threads(threads)
+    run = build_run(cfg)
+    datamodule, module, trainer = run.datamodule, run.module, run.trainer
     if cfg.get("test") and datamodule.test_stream is None:
         raise LmlabError(
             "test=true needs a test part: set data.test_fraction (e.g. data.test_fraction=0.1)"
         )
-    for name, part in datamodule.part_summary().items():
+    for name, n in datamodule.part_summary().items():
         log.info(
-            "corpus %s: %d documents, %d characters, %d bytes -> %d tokens",
-            name,
-            part["documents"],
-            part["characters"],
-            part["bytes"],
-            part["tokens"],
+            f"corpus {name}: {n['documents']} documents, {n['characters']} characters, "
+            f"{n['bytes']} bytes -> {n['tokens']} tokens"
         )
-    log.info(
-        "vocab %d; model %s: %.2fM parameters",
-        datamodule.vocab_size,
-        cfg.model.name,
-        module.num_parameters() / 1e6,
-    )
-    callbacks = _instantiate_callbacks(cfg)
-    use_job_directory_for_ddp_processes()
-    loggers = _instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    size = module.num_parameters() / 1e6
+    log.info(f"vocab {datamodule.vocab_size}; model {cfg.model.name}: {size:.2f}M parameters")
     if trainer.strategy.root_device.type == "cuda":
-        # fp32 matrix products on TF32 tensor cores: ~8x the fp32 rate, 10-bit mantissa inputs
+        # fp32 matrix products on TF32 tensor cores (10-bit mantissa inputs)
         torch.set_float32_matmul_precision("high")
     hparams = run_hparams(cfg)
-    # trainer.loggers, not `loggers`: fast_dev_run swaps them for a logger that writes nothing
+    # trainer.loggers, not the configured ones: fast_dev_run swaps them for one that writes nothing
     for lg in trainer.loggers:
         lg.log_hyperparams(hparams)  # hparams.yaml; the full config is in .hydra/config.yaml
-    summary = next((c for c in callbacks if isinstance(c, RunSummary)), None)
+    summary = next((c for c in run.callbacks if isinstance(c, RunSummary)), None)
     if summary is not None:
         summary.extra["data"] = datamodule.part_summary()
 
-    tune = cfg.get("tune") or {}
-    if tune.get("lr_find"):
-        from lmlab.tuning import find_lr  # imports the Tuner only when asked for
-
-        found = find_lr(trainer, module, datamodule, tune, Path(cfg.paths.output_dir))
-        if summary is not None:
-            summary.extra["lr_find"] = found
-
-    _check_resume(cfg.get("ckpt_path"), module)
-    if cfg.get("ckpt_path") is None and cfg.get("val_at_start", True):
+    if cfg.get("ckpt_path") is not None:
+        _check_resume(cfg.ckpt_path, module)
+    elif cfg.get("val_at_start", True):
         _validate_at_start(trainer, module, datamodule)
     # weights_only: resuming never runs code pickled into a checkpoint
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
@@ -164,7 +168,16 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     return summary.summary
 
 
-def _validate_at_start(trainer: L.Trainer, module: LanguageModel, datamodule: Any) -> None:
+def _check_resume(ckpt_path: str, module: LitLanguageModel) -> None:
+    """Before Lightning loads a checkpoint: it exists, is one, and belongs to this data."""
+    from lmlab.checkpoint import check_resumable, check_same_data
+
+    saved = check_resumable(ckpt_path, module)
+    if saved is not None:
+        check_same_data(ckpt_path, saved, dict(module.hparams))
+
+
+def _validate_at_start(trainer: L.Trainer, module: LitLanguageModel, datamodule: Any) -> None:
     """val/loss at step 0, against the loss of a uniform guess, ln V: a freshly initialised
     model should score close to it, and one far above it starts out confidently wrong."""
     trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -173,16 +186,14 @@ def _validate_at_start(trainer: L.Trainer, module: LanguageModel, datamodule: An
     module.val_loss.reset()
     loss = trainer.callback_metrics.get("val/loss")
     if loss is not None and trainer.is_global_zero:
-        uniform = math.log(datamodule.vocab_size)
+        vocab = datamodule.vocab_size
         log.info(
-            "step 0: val/loss %.4f; a uniform guess over %d tokens scores %.4f",
-            float(loss),
-            datamodule.vocab_size,
-            uniform,
+            f"step 0: val/loss {float(loss):.4f}; a uniform guess over {vocab} tokens "
+            f"scores {math.log(vocab):.4f}"
         )
 
 
-def _test(trainer: L.Trainer, module: LanguageModel, datamodule: Any) -> dict[str, Any]:
+def _test(trainer: L.Trainer, module: LitLanguageModel, datamodule: Any) -> dict[str, Any]:
     """Score the held-out test part once, with the checkpoint that validation selected (the
     test figure never selects anything); test/* scalars go to the loggers too."""
     checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
@@ -196,13 +207,7 @@ def _test(trainer: L.Trainer, module: LanguageModel, datamodule: Any) -> dict[st
         weights_only=True,
     )
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-    log.info(
-        "test: loss %.4f, bpc %.4f, bpb %.4f (%s)",
-        metrics["test/loss"],
-        metrics["test/bpc"],
-        metrics["test/bpb"],
-        checkpoint or "the final weights",
-    )
+    log.info(f"{_figures(metrics, 'test')} ({checkpoint or 'the final weights'})")
     return {**metrics, "test_checkpoint": checkpoint}
 
 
@@ -223,11 +228,18 @@ def _report_user_error(err: BaseException) -> LmlabError | None:
     return None
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="pkg://lmlab.conf", config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     """One run, or one job of a sweep; returns `optimized_metric` for Hydra's sweepers."""
+    from lightning.pytorch.utilities import rank_zero_only
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lmlab.callbacks import record_failure
+    from lmlab.cli import refuse
+
     started = time.time()
     output_dir = Path(cfg.paths.output_dir)
+    metric = cfg.get("optimized_metric") or "val/bpc"
     try:
         summary = train(cfg)
     except SIGTERMException:
@@ -238,10 +250,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         user_error = _report_user_error(err)
         record_failure(output_dir, _describe(user_error or err), started)
         if not is_multirun():
-            if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise  # a bug, or the traceback was asked for
-            print(f"lmlab-train: error: {user_error}", file=sys.stderr)
-            sys.exit(1)
+            if user_error is None:
+                raise  # a bug: the traceback is what helps
+            refuse("lmlab-train", user_error)
         # One failed job must not stop the sweep: log it and let the next job run. None
         # tells Optuna that the trial failed (it is left out of the search's model).
         if user_error is None:
@@ -249,20 +260,23 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         else:
             log.error("job failed: %s", user_error)
         return None
-    last = summary.get("last", {})
-    if rank_zero_only.rank != 0:  # the other processes of a distributed run
-        return optimized_value(summary, cfg.get("optimized_metric") or "val/bpc")
+    if rank_zero_only.rank == 0:  # not the other processes of a distributed run
+        _print_result(output_dir, summary)
+    return optimized_value(summary, metric)
+
+
+def _print_result(output_dir: Path, summary: dict[str, Any]) -> None:
     print(f"run directory: {output_dir}")
-    if last:
-        loss, bpc, step = last["val/loss"], last["val/bpc"], last["step"]
-        bpb = f", val/bpb {last['val/bpb']:.4f}" if "val/bpb" in last else ""
-        print(f"final val/loss {loss:.4f}, val/bpc {bpc:.4f}{bpb} (step {step})")
-        if "test/loss" in summary:
-            print(
-                f"test/loss {summary['test/loss']:.4f}, test/bpc {summary['test/bpc']:.4f}, "
-                f"test/bpb {summary['test/bpb']:.4f}"
-            )
-    return optimized_value(summary, cfg.get("optimized_metric") or "val/bpc")
+    if last := summary.get("last"):
+        print(f"final {_figures(last, 'val')} (step {last['step']})")
+    if "test/loss" in summary:
+        print(_figures(summary, "test"))
+
+
+def _figures(metrics: dict[str, Any], part: str) -> str:
+    """`val/loss 1.2345, val/bpc 1.7810, val/bpb 1.7810`, for the figures that are there."""
+    names = [f"{part}/{m}" for m in ("loss", "bpc", "bpb") if f"{part}/{m}" in metrics]
+    return ", ".join(f"{name} {metrics[name]:.4f}" for name in names)
 
 
 def _describe(err: BaseException) -> str:
@@ -270,6 +284,11 @@ def _describe(err: BaseException) -> str:
 
 
 def main() -> None:
+    if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+        from lmlab.cli import train_help
+
+        print(train_help())
+        return
     _hydra_main()
     report = last_sweep_report()  # set by the SweepStatus callback after `-m`
     if report is not None and report.failed:

@@ -11,27 +11,16 @@ from torch import nn
 from lmlab.errors import LmlabError
 from lmlab.models.bigram import BigramConfig, BigramLM
 from lmlab.models.gpt import GPT, GPTConfig, KVCache, too_long_message
-from lmlab.models.mlp import MLP, MLPConfig
+from lmlab.models.mlp import BengioMLP, MLPConfig
 
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "bigram": (BigramConfig, BigramLM),
-    "mlp": (MLPConfig, MLP),
+    "mlp": (MLPConfig, BengioMLP),
     "gpt": (GPTConfig, GPT),
 }
 
-__all__ = [
-    "GPT",
-    "MLP",
-    "MODELS",
-    "BigramConfig",
-    "BigramLM",
-    "GPTConfig",
-    "KVCache",
-    "MLPConfig",
-    "build_model",
-    "check_block_size",
-    "hyperparameter_names",
-]
+__all__ = ["GPT", "BengioMLP", "MODELS", "BigramConfig", "BigramLM", "GPTConfig", "KVCache"]
+__all__ += ["MLPConfig", "build_model", "check_block_size", "hyperparameter_names"]
 
 
 def hyperparameter_names(name: str) -> set[str]:
@@ -43,19 +32,17 @@ def hyperparameter_names(name: str) -> set[str]:
 def build_model(name: str, **hparams: Any) -> nn.Module:
     """Build a model from its registry name and hyperparameters (unknown keys are an error)."""
     fields = hyperparameter_names(name)
-    config_cls, model_cls = MODELS[name]
-    unknown = sorted(set(hparams) - fields)
-    if unknown:
+    if unknown := sorted(set(hparams) - fields):
         raise LmlabError(
             f"model {name!r} has no hyperparameter(s) {unknown}; it takes {sorted(fields)}"
         )
+    config_cls, model_cls = MODELS[name]
     return model_cls(config_cls(**hparams))
 
 
 def check_block_size(model: nn.Module, block_size: int) -> None:
-    """Raise an LmlabError when windows of `block_size` tokens are longer than `model` can
-    take: the GPT's position table has `model.block_size` rows; the bigram and the MLP read
-    any length (their block_size only crops generation contexts)."""
+    """An LmlabError when windows of `block_size` tokens outgrow the GPT's position table (the
+    bigram and the MLP read any length: their block_size only crops generation contexts)."""
     if isinstance(model, GPT) and block_size > model.config.block_size:
         raise LmlabError(
             too_long_message(f"data.block_size ({block_size})", block_size, model.config.block_size)

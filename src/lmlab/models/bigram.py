@@ -15,7 +15,8 @@ class BigramConfig:
     vocab_size: int
     block_size: int = 8  # the model needs only one token; this crops generation contexts
     # A full table for GPT-2's 50,257 tokens would hold 2.5 billion numbers (10 GB, and 30 GB
-    # with AdamW's state). Above `max_full_vocab` the table is factorised as (V, rank) x (rank, V).
+    # with AdamW's state). Above `max_full_vocab` the table is factorised as (V, rank) x (rank, V)
+    # with rank 256 unless `rank` says otherwise.
     rank: int | None = None
     max_full_vocab: int = 8192
 
@@ -25,37 +26,24 @@ class BigramConfig:
         if self.rank is not None and self.rank < 1:
             raise LmlabError(f"model.rank must be positive or null, got {self.rank}")
 
-    @property
-    def effective_rank(self) -> int | None:
-        """None for the full table."""
-        if self.rank is not None:
-            return self.rank
-        return None if self.vocab_size <= self.max_full_vocab else 256
-
 
 class BigramLM(nn.Module):
     def __init__(self, config: BigramConfig):
         super().__init__()
         self.config = config
         self.block_size = config.block_size
-        rank = config.effective_rank
-        if rank is None:
-            self.token_embedding_table = nn.Embedding(config.vocab_size, config.vocab_size)
-            self.head = None
-        else:
-            self.token_embedding_table = nn.Embedding(config.vocab_size, rank)
-            self.head = nn.Linear(rank, config.vocab_size, bias=False)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
+        V, rank = config.vocab_size, config.rank
+        if rank is None and config.vocab_size > config.max_full_vocab:
+            rank = 256
+        self.token_embedding_table = nn.Embedding(V, V if rank is None else rank)
+        self.head = None if rank is None else nn.Linear(rank, V, bias=False)
         # Logits near zero: the untrained model guesses uniformly and scores ln V, as a model
         # that knows nothing should. nn.Embedding's N(0, 1) rows score ln V + 1/2 on average
         # (the tutorial's 4.87 against -ln(1/65) = 4.17): confidently wrong before step one.
-        if self.head is None:
-            nn.init.normal_(self.token_embedding_table.weight, std=0.02)
-        else:  # (V, rank) x (rank, V): unit rows, a head that scales their products to 0.02
-            nn.init.normal_(self.token_embedding_table.weight, std=1.0)
-            nn.init.normal_(self.head.weight, std=0.02 / self.head.in_features**0.5)
+        # A factorised table keeps unit rows; its head scales their products to 0.02.
+        nn.init.normal_(self.token_embedding_table.weight, std=0.02 if self.head is None else 1.0)
+        if self.head is not None:
+            nn.init.normal_(self.head.weight, std=0.02 / rank**0.5)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         logits = self.token_embedding_table(idx)  # (B, T) -> (B, T, V), or (B, T, rank)

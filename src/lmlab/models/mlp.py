@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, require_positive
 
 
 @dataclass
@@ -23,10 +23,7 @@ class MLPConfig:
     boundary_id: int | None = None  # what positions before the window see; None means id 0
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "context", "n_embd", "n_hidden"):
-            value = getattr(self, name)
-            if value < 1:
-                raise LmlabError(f"model.{name} must be a positive integer, got {value}")
+        require_positive(self, "vocab_size", "block_size", "context", "n_embd", "n_hidden")
         if self.boundary_id is not None and not 0 <= self.boundary_id < self.vocab_size:
             raise LmlabError(
                 f"model.boundary_id ({self.boundary_id}) must be a token id in "
@@ -34,7 +31,7 @@ class MLPConfig:
             )
 
 
-class MLP(nn.Module):
+class BengioMLP(nn.Module):
     def __init__(self, config: MLPConfig):
         super().__init__()
         self.config = config
@@ -43,15 +40,10 @@ class MLP(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # the lecture's C
         self.hidden = nn.Linear(config.context * config.n_embd, config.n_hidden)
         self.lm_head = nn.Linear(config.n_hidden, config.vocab_size)
-        self._init_weights()
-
-    @torch.no_grad()
-    def _init_weights(self) -> None:
         # makemore part 3: tanh gain 5/3 over sqrt(fan_in) keeps the hidden layer out of
         # saturation, and a small output layer starts from near-uniform logits (loss ~ ln V
         # instead of a "hockey stick" first few hundred steps).
-        fan_in = self.hidden.in_features
-        nn.init.normal_(self.hidden.weight, std=(5 / 3) / math.sqrt(fan_in))
+        nn.init.normal_(self.hidden.weight, std=(5 / 3) / math.sqrt(self.hidden.in_features))
         nn.init.zeros_(self.hidden.bias)
         nn.init.normal_(self.lm_head.weight, std=0.01)
         nn.init.zeros_(self.lm_head.bias)
@@ -64,7 +56,5 @@ class MLP(nn.Module):
         pad = idx.new_full((B, k - 1), self.pad_id)
         padded = torch.cat([pad, idx], dim=1)  # (B, T+k-1)
         windows = padded.unfold(1, k, 1)  # (B, T, k): a view, no copy, no loop over T
-        emb = self.wte(windows)  # (B, T, k, n_embd)
-        x = emb.reshape(B, T, k * self.config.n_embd)  # (B, T, k*n_embd)
-        h = torch.tanh(self.hidden(x))  # (B, T, n_hidden)
-        return self.lm_head(h)  # (B, T, V)
+        x = self.wte(windows).reshape(B, T, k * self.config.n_embd)  # (B, T, k*n_embd)
+        return self.lm_head(torch.tanh(self.hidden(x)))  # (B, T, n_hidden) -> (B, T, V)

@@ -1,9 +1,8 @@
-"""The hyperparameters a run reports to its loggers, and the final metrics that go with them
-in TensorBoard's HParams tab (one row per run of a sweep)."""
+"""TensorBoard's HParams tab: the hyperparameters a run reports to its loggers, and the final
+metrics that go with them (one row per run of a sweep)."""
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -19,7 +18,7 @@ DATA_KEYS = (
     "tokenizer",
     "block_size",
     "batch_size",
-    "sampling",
+    "examples",
     "stride",
     "train_fraction",
 )
@@ -29,40 +28,30 @@ HPARAM_METRICS = {"val/loss": "hp/val_loss", "val/bpc": "hp/val_bpc"}
 
 
 def run_hparams(cfg: DictConfig) -> dict[str, Any]:
-    """Flat `model.n_embd: 128` pairs: the model with its optimizer and schedule, the data and
-    budget settings, the seed and the experiment. The whole config is in `.hydra/config.yaml`;
+    """The model with its optimizer and schedule, the data and budget settings, the seed and
+    the experiment, nested as in the config: the loggers flatten them (`model/n_embd`) and
+    turn what TensorBoard cannot show into text. The whole config is in `.hydra/config.yaml`;
     the HParams tab needs the few keys worth comparing."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    data = {k: cfg.data.get(k) for k in DATA_KEYS if k in cfg.data}
-    trainer = {k: cfg.trainer.get(k) for k in TRAINER_KEYS if k in cfg.trainer}
-    flat: dict[str, Any] = {}
-    _flatten({"model": model, "data": data, "trainer": trainer}, "", flat)
-    flat["seed"] = cfg.get("seed")
-    if HydraConfig.initialized():
-        experiment = HydraConfig.get().runtime.choices.get("experiment")
-        flat["experiment"] = experiment if experiment is not None else "none"
-    # TensorBoard takes numbers, strings and booleans only.
-    return {
-        k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in flat.items()
+    params: dict[str, Any] = {
+        "model": {k: v for k, v in model.items() if not k.startswith("_")},  # no _target_
+        "data": {k: cfg.data.get(k) for k in DATA_KEYS if k in cfg.data},
+        "trainer": {k: cfg.trainer.get(k) for k in TRAINER_KEYS if k in cfg.trainer},
+        "seed": cfg.get("seed"),
     }
-
-
-def _flatten(node: dict[str, Any], prefix: str, out: dict[str, Any]) -> None:
-    for key, value in node.items():
-        if isinstance(value, dict) and value:
-            _flatten(value, f"{prefix}{key}.", out)
-        elif not str(key).startswith("_"):  # _target_ and friends are plumbing
-            out[f"{prefix}{key}"] = value
+    # null means the default, random blocks (or what the deprecated data.sampling says)
+    params["data"]["examples"] = cfg.data.get("examples") or cfg.data.get("sampling") or "random"
+    if HydraConfig.initialized():
+        params["experiment"] = HydraConfig.get().runtime.choices.get("experiment") or "none"
+    return params
 
 
 def hparam_metrics(summary: dict[str, Any]) -> dict[str, float]:
     """The run's best validation metrics under their `hp/` tags (finite values only)."""
-    metrics = {}
-    for key, tag in HPARAM_METRICS.items():
-        value = summary.get(key)
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            metrics[tag] = float(value)
-    return metrics
+    values = {tag: summary.get(key) for key, tag in HPARAM_METRICS.items()}
+    return {
+        t: float(v) for t, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)
+    }
 
 
 def log_final_hparams(

@@ -9,9 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import torch
-from lightning.fabric.plugins.io import TorchCheckpointIO
-
 
 def atomic_write_bytes(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Call `write(file)` on a temporary file beside `path`, then rename it to `path`: the
@@ -43,14 +40,3 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, with the temporary file in the checkpoint's own directory
-    (Lightning's goes through the system temp directory, and a move across file systems is a
-    copy that a kill can leave half done)."""
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
-    ) -> None:
-        atomic_write_bytes(path, lambda f: torch.save(checkpoint, f))
