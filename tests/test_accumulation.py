@@ -6,14 +6,14 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lmlab.lit_module import LanguageModel
+from lmlab.lit_module import LitLanguageModel
 
 GPT = {"vocab_size": 11, "block_size": 8, "n_layer": 1, "n_head": 2, "n_embd": 16}
 
 
 def _train(batch_size: int, accumulate: int, data: torch.Tensor) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    module = LanguageModel("gpt", GPT, optimizer={"lr": 1e-2}, scheduler=None)
+    module = LitLanguageModel("gpt", GPT, optimizer={"lr": 1e-2}, scheduler=None)
     loader = DataLoader(TensorDataset(data[:, :-1], data[:, 1:]), batch_size=batch_size)
     trainer = L.Trainer(
         accelerator="cpu",

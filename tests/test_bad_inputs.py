@@ -5,28 +5,20 @@ plain data a checkpoint must hold so that it loads with `weights_only=True`."""
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_TEXT, run_lmlab
+from helpers import TINY_GPT, TINY_TEXT, RunsCode, run_lmlab
 
 from lmlab import checkpoint as checkpoint_module
 from lmlab.checkpoint import check_resumable, load_for_sampling, read_checkpoint
+from lmlab.cli import parse_key_values
 from lmlab.errors import LmlabError
-from lmlab.lit_module import LanguageModel
+from lmlab.lit_module import LitLanguageModel
 from lmlab.models import build_model, check_block_size
-
-TINY_GPT = ["model=gpt", "model.n_layer=1", "model.n_head=2", "model.n_embd=16"]
-MARKER = Path("/tmp/lmlab-bad-inputs-pickle-ran-code")
-
-
-@pytest.fixture(scope="module")
-def run_dir(gpt_checkpoint: Path) -> Path:
-    return gpt_checkpoint.parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +88,11 @@ def test_train_with_a_position_table_shorter_than_the_windows(tiny_corpus: Path,
 def test_sampling_past_block_size_is_not_an_error(ckpt: Path) -> None:
     """lmlab-sample has no block_size to get wrong: a long prompt and a long continuation
     slide through the window (see lmlab.generation)."""
-    from lmlab.generation import sample_text
+    from lmlab.generation import SamplingSettings, sample_text
 
     model, tokenizer = load_for_sampling(ckpt)
     prompt = TINY_TEXT[:40]  # longer than the 16-token window
-    (text,) = sample_text(model, tokenizer, prompt, max_new_tokens=40, seed=0)
+    (text,) = sample_text(model, tokenizer, SamplingSettings(prompt, max_new_tokens=40, seed=0))
     assert text.startswith(prompt) and len(text) == 80
 
 
@@ -137,14 +129,15 @@ def test_prompt_outside_the_vocabulary(ckpt: Path) -> None:
     assert result.stdout == ""
 
 
-def test_prompt_is_taken_literally() -> None:
-    from lmlab.sample import quote_prompt
+@pytest.mark.parametrize(
+    "prompt",
+    ['"Hello," she said, "goodbye"', "'tis true'", '"${oc.env:HOME}"', "a=b, c\\d", "안녕, €"],
+)
+def test_prompt_is_taken_literally(prompt: str) -> None:
+    from lmlab.sample import KEYS
 
-    assert quote_prompt("prompt=Hello, world") == "prompt='Hello, world'"
-    assert quote_prompt("prompt=it's") == r"prompt='it\'s'"
-    assert quote_prompt("prompt=${x}") == r"prompt='\${x}'"
-    assert quote_prompt("prompt='already quoted'") == "prompt='already quoted'"
-    assert quote_prompt("max_new_tokens=5") == "max_new_tokens=5"
+    values = parse_key_values("lmlab-sample", "", KEYS, ["ckpt_path=x", f"prompt={prompt}"])
+    assert values == {"ckpt_path": "x", "prompt": prompt}
 
 
 def test_sampling_settings_and_device_out_of_range(ckpt: Path) -> None:
@@ -152,7 +145,7 @@ def test_sampling_settings_and_device_out_of_range(ckpt: Path) -> None:
 
     result = run_lmlab("sample", f"ckpt_path={ckpt}", "temperature=-1", "top_p=2")
     assert_one_message(
-        result, "lmlab-sample", "temperature must be 0 (greedy) or more, got -1; top_p must"
+        result, "lmlab-sample", "temperature must be 0 (greedy) or more, got -1.0; top_p must"
     )
     with pytest.raises(LmlabError, match="device=foo is not a device; use auto, cpu or cuda"):
         resolve_device("foo")
@@ -164,13 +157,9 @@ def test_sampling_settings_and_device_out_of_range(ckpt: Path) -> None:
 # (d) checkpoints that are missing, truncated, not checkpoints, or crafted to run code
 
 
-class RunsCode:
-    def __reduce__(self):
-        return (os.system, (f"touch {MARKER}",))
-
-
-def bad_checkpoints(real: Path, root: Path) -> dict[str, tuple[Path, str]]:
-    """name -> (file, the start of what the message says about it)."""
+def bad_checkpoints(real: Path, root: Path, marker: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (file, the start of what the message says about it). Loading the two crafted
+    pickles as pickles would create `marker`."""
     truncated = root / "truncated.ckpt"
     truncated.write_bytes(real.read_bytes()[: real.stat().st_size // 2])
     text = root / "notes.ckpt"
@@ -179,9 +168,9 @@ def bad_checkpoints(real: Path, root: Path) -> dict[str, tuple[Path, str]]:
     empty.write_bytes(b"")
     bare_pickle = root / "bare.ckpt"
     with open(bare_pickle, "wb") as f:
-        pickle.dump({"state_dict": {}, "hyper_parameters": RunsCode()}, f)
-    crafted = root / "crafted.ckpt"
-    torch.save({"state_dict": {}, "hyper_parameters": RunsCode()}, crafted)  # a zip, as Lightning
+        pickle.dump({"state_dict": {}, "hyper_parameters": RunsCode(marker)}, f)
+    crafted = root / "crafted.ckpt"  # a zip, as Lightning writes
+    torch.save({"state_dict": {}, "hyper_parameters": RunsCode(marker)}, crafted)
     foreign = root / "foreign.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
     return {
@@ -197,23 +186,31 @@ def bad_checkpoints(real: Path, root: Path) -> dict[str, tuple[Path, str]]:
 
 
 def test_every_bad_checkpoint_gets_its_own_message(ckpt: Path, tmp_path: Path) -> None:
-    MARKER.unlink(missing_ok=True)
-    for name, (path, message) in bad_checkpoints(ckpt, tmp_path).items():
+    marker = tmp_path / "pickle-ran-code"
+    checkpoints = bad_checkpoints(ckpt, tmp_path, marker)
+    for name, (path, message) in checkpoints.items():
         for check in (load_for_sampling, check_resumable):
             with pytest.raises(LmlabError) as err:
                 check(path)
             assert str(err.value).startswith(message), name
             assert "ckpt_path=" in str(err.value), name  # and what to give instead
-    assert not MARKER.exists()
+    assert not marker.exists()
+    # the check has teeth: loading the crafted files as pickles does run their code
+    with open(checkpoints["bare pickle"][0], "rb") as f:
+        pickle.load(f)
+    assert marker.exists()
+    marker.unlink()
+    torch.load(checkpoints["crafted"][0], weights_only=False)
+    assert marker.exists()
 
 
 @pytest.mark.parametrize("name", ["text", "crafted"])
 def test_lmlab_sample_refuses_a_bad_checkpoint(ckpt: Path, tmp_path: Path, name: str) -> None:
-    MARKER.unlink(missing_ok=True)
-    path, message = bad_checkpoints(ckpt, tmp_path)[name]
+    marker = tmp_path / "pickle-ran-code"
+    path, message = bad_checkpoints(ckpt, tmp_path, marker)[name]
     result = run_lmlab("sample", f"ckpt_path={path}")
     assert_one_message(result, "lmlab-sample", message)
-    assert not MARKER.exists()  # refused without running the code
+    assert not marker.exists()  # refused without running the code
 
 
 def test_hydra_full_error_shows_the_traceback(tmp_path: Path, monkeypatch) -> None:
@@ -232,20 +229,20 @@ def test_check_resumable_passes_a_good_checkpoint_and_lightning_keywords(ckpt: P
 
 def test_check_resumable_refuses_weights_of_another_model(ckpt: Path) -> None:
     saved = read_checkpoint(ckpt)["hyper_parameters"]
-    assert check_resumable(ckpt, LanguageModel(**saved)) is not None
+    assert check_resumable(ckpt, LitLanguageModel(**saved)) is not None
     wider = {**saved, "model_hparams": {**saved["model_hparams"], "n_embd": 32}}
     with pytest.raises(LmlabError, match=r"model.n_embd=32 \(the checkpoint has 16\)"):
-        check_resumable(ckpt, LanguageModel(**wider))
+        check_resumable(ckpt, LitLanguageModel(**wider))
     bigram = {**saved, "model_name": "bigram", "model_hparams": {"vocab_size": 5}}
     with pytest.raises(LmlabError, match="it holds a gpt model and this run builds a bigram"):
-        check_resumable(ckpt, LanguageModel(**bigram))
+        check_resumable(ckpt, LitLanguageModel(**bigram))
 
 
 @pytest.mark.parametrize("name", ["missing", "truncated"])
 def test_lmlab_train_refuses_a_bad_ckpt_path(
     ckpt: Path, tmp_path: Path, tiny_corpus: Path, name: str
 ) -> None:
-    path, message = bad_checkpoints(ckpt, tmp_path)[name]
+    path, message = bad_checkpoints(ckpt, tmp_path, tmp_path / "pickle-ran-code")[name]
     result = train_cli(tiny_corpus, tmp_path, f"ckpt_path={path}")
     assert_one_message(result, "lmlab-train", message)
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_lmlab
+from helpers import TINY_GPT, run_lmlab
 from omegaconf import OmegaConf
 
-from lmlab.data.samplers import BatchNumberSampler, WindowBatchSampler, shard
-from lmlab.distributed import process_command
+from lmlab.data.examples import BatchNumberSampler, WindowBatchSampler, shard
+from lmlab.runs.distributed import process_command
 
 
 def test_each_rank_draws_its_own_share_of_every_batch():
@@ -56,10 +56,7 @@ def test_ddp_cpu_trains_two_processes_into_one_run_directory(tiny_corpus: Path, 
         "trainer=ddp_cpu",
         f"data.path={tiny_corpus}",
         f"hydra.run.dir={run_dir}",
-        "model=gpt",
-        "model.n_layer=1",
-        "model.n_head=2",
-        "model.n_embd=16",
+        *TINY_GPT,
         "data.block_size=16",
         "trainer.max_steps=10",
         "trainer.val_check_interval=5",

@@ -9,7 +9,13 @@ import torch
 
 from lmlab.data.tokenizers import CharTokenizer
 from lmlab.errors import LmlabError
-from lmlab.generation import filter_logits, generate, sample_text, shifted_context
+from lmlab.generation import (
+    SamplingSettings,
+    filter_logits,
+    generate,
+    sample_text,
+    shifted_context,
+)
 from lmlab.models import build_model
 
 V, BLOCK = 11, 8
@@ -171,20 +177,28 @@ CORPUS = "anna\nbob\nclara\n"
 def test_sample_text_returns_prompt_and_continuation() -> None:
     tok = CharTokenizer.fit(CORPUS)
     model = gpt(vocab_size=tok.vocab_size)
-    texts = sample_text(model, tok, "an", max_new_tokens=12, num_samples=3, seed=1)
+    texts = sample_text(
+        model, tok, SamplingSettings("an", max_new_tokens=12, num_samples=3, seed=1)
+    )
     assert len(texts) == 3
     assert all(t.startswith("an") and len(t) == 2 + 12 for t in texts)
     assert all(set(t) <= set(tok.itos) for t in texts)
-    again = sample_text(model, tok, "an", max_new_tokens=12, num_samples=3, seed=1)
+    again = sample_text(
+        model, tok, SamplingSettings("an", max_new_tokens=12, num_samples=3, seed=1)
+    )
     assert again == texts
-    other = sample_text(model, tok, "an", max_new_tokens=12, num_samples=3, seed=2)
+    other = sample_text(
+        model, tok, SamplingSettings("an", max_new_tokens=12, num_samples=3, seed=2)
+    )
     assert other != texts
 
 
 def test_sample_text_empty_prompt_starts_from_boundary() -> None:
     tok = CharTokenizer.fit(CORPUS)
     model = gpt(vocab_size=tok.vocab_size)
-    texts = sample_text(model, tok, "", max_new_tokens=10, num_samples=2, temperature=0.0)
+    texts = sample_text(
+        model, tok, SamplingSettings("", max_new_tokens=10, num_samples=2, temperature=0.0)
+    )
     start = torch.tensor([[tok.boundary_id]])
     expected = generate(model, start, 10, temperature=0.0)[0, 1:].tolist()
     assert texts == [tok.decode(expected)] * 2  # the boundary itself is not returned
@@ -194,7 +208,7 @@ def test_sample_text_rejects_unknown_characters() -> None:
     tok = CharTokenizer.fit(CORPUS)
     model = gpt(vocab_size=tok.vocab_size)
     with pytest.raises(LmlabError, match="not in the checkpoint's vocabulary") as err:
-        sample_text(model, tok, "zed", max_new_tokens=5, num_samples=1)
+        sample_text(model, tok, SamplingSettings("zed", max_new_tokens=5))
     missing = sorted(set("zed") - set(CORPUS))
     assert ", ".join(repr(c) for c in missing) in str(err.value)
 
@@ -203,7 +217,8 @@ def test_sample_text_normalises_a_decomposed_prompt_to_the_vocabulary() -> None:
     tok = CharTokenizer.fit("한국어 문장\n")  # NFC: one code point per syllable
     model = gpt(vocab_size=tok.vocab_size)
     decomposed = unicodedata.normalize("NFD", "한국")  # as macOS may type it
-    text = sample_text(model, tok, decomposed, max_new_tokens=3, temperature=0.0)[0]
+    settings = SamplingSettings(decomposed, max_new_tokens=3, temperature=0.0)
+    (text,) = sample_text(model, tok, settings)
     assert text.startswith("한국")
 
 
@@ -212,13 +227,14 @@ def test_sample_text_normalises_a_decomposed_prompt_to_the_vocabulary() -> None:
     [
         ({"temperature": -1.0}, "temperature must be 0 .greedy. or more"),
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
-        ({"top_k": -2}, "top_k must be 1 or more"),
-        ({"max_new_tokens": -1}, "max_new_tokens must be 0 or more"),
-        ({"num_samples": 0}, "num_samples must be 1 or more"),
+        ({"temperature": float("nan")}, "temperature must be 0 .greedy. or more, got nan"),
+        ({"top_k": -2}, "top_k must be a whole number >= 0"),
+        ({"top_k": 1.5}, "top_k must be a whole number >= 0, got 1.5"),
+        ({"max_new_tokens": -1}, "max_new_tokens must be a whole number >= 0"),
+        ({"num_samples": 0}, "num_samples must be a whole number >= 1"),
     ],
 )
-def test_sample_text_rejects_settings_out_of_range(setting: dict, message: str) -> None:
-    tok = CharTokenizer.fit(CORPUS)
-    model = gpt(vocab_size=tok.vocab_size)
+def test_sampling_settings_out_of_range_are_refused(setting: dict, message: str) -> None:
     with pytest.raises(LmlabError, match=message):
-        sample_text(model, tok, **{"prompt": "", "max_new_tokens": 5, **setting})
+        SamplingSettings(**{"max_new_tokens": 5, **setting})
+    SamplingSettings(max_new_tokens=5)  # the negative control: the same call, in range

@@ -10,20 +10,18 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import compose_train
+from helpers import TINY_GPT, compose_train
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import lmlab.train as train_module
-from lmlab.curves import read_scalars
 from lmlab.errors import LmlabError
+from lmlab.runs.render import read_scalars
 from lmlab.train import train
 
 # A small GPT with dropout: the resumed run must also continue the dropout draws.
 GPT = [
-    "model=gpt",
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=32",
+    *TINY_GPT,
+    "model.n_embd=32",  # wider than TINY_GPT's 16
     "model.dropout=0.1",
     "data.block_size=16",
     "data.batch_size=8",
@@ -48,9 +46,10 @@ class SignalAtStep(L.Callback):
 
 
 def _with_callback(monkeypatch, callback: L.Callback) -> None:
-    instantiate = train_module._instantiate_callbacks
+    """Training also runs `callback`, after the configured ones."""
+    build_run = train_module.build_run
     monkeypatch.setattr(
-        train_module, "_instantiate_callbacks", lambda cfg: [*instantiate(cfg), callback]
+        train_module, "build_run", lambda cfg: build_run(cfg, extra_callbacks=(callback,))
     )
 
 
@@ -58,11 +57,11 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
 
 
-@pytest.mark.parametrize("sampling", ["random", "sliding"])
+@pytest.mark.parametrize("examples", ["random", "sliding"])
 def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(
-    tiny_corpus: Path, tmp_path: Path, monkeypatch, sampling: str
+    tiny_corpus: Path, tmp_path: Path, monkeypatch, examples: str
 ):
-    overrides = [f"data.path={tiny_corpus}", f"data.sampling={sampling}", *GPT]
+    overrides = [f"data.path={tiny_corpus}", f"data.examples={examples}", *GPT]
     whole = train(compose_train(overrides, tmp_path / "whole"))
 
     stopped_dir = tmp_path / "stopped"
@@ -127,7 +126,7 @@ def test_resume_refuses_a_checkpoint_of_another_corpus(
 
 
 def test_checkpoints_are_written_whole_or_not_at_all(tmp_path: Path, monkeypatch):
-    from lmlab.files import AtomicCheckpointIO
+    from lmlab.checkpoint import AtomicCheckpointIO
 
     path = tmp_path / "last.ckpt"
     io = AtomicCheckpointIO()
@@ -170,7 +169,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
 
 
 def test_metrics_are_written_whole_or_not_at_all(tmp_path: Path, monkeypatch):
-    from lmlab.files import atomic_write_json
+    from lmlab.atomic_write import atomic_write_json
 
     path = tmp_path / "metrics.json"
     atomic_write_json(path, {"status": "running"})

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_lmlab
+from helpers import TINY_GPT, run_lmlab
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from lmlab.sweeps import RUN_ID_RESOLVER, register_resolvers, run_id
+from lmlab.runs.sweeps import RUN_ID_RESOLVER, register_resolvers, run_id
 
 RUN_DIR_NAME = re.compile(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{6}")
 
@@ -118,7 +118,7 @@ def test_the_run_id_is_drawn_once_per_process():
 
 
 def test_two_processes_draw_different_run_ids():
-    command = [sys.executable, "-c", "from lmlab.sweeps import run_id; print(run_id())"]
+    command = [sys.executable, "-c", "from lmlab.runs.sweeps import run_id; print(run_id())"]
     ids = {subprocess.run(command, capture_output=True, text=True, check=True).stdout for _ in "ab"}
     assert len(ids) == 2
 
@@ -146,10 +146,7 @@ def test_ddp_processes_share_the_run_directory_that_the_first_one_named(
         "train",
         "trainer=ddp_cpu",
         *tiny_run(tiny_corpus, log_dir, seed=3, steps=4),
-        "model=gpt",
-        "model.n_layer=1",
-        "model.n_head=2",
-        "model.n_embd=16",
+        *TINY_GPT,
         "data.block_size=16",
         cwd=tmp_path,
     )

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import pickle
-import subprocess
 from pathlib import Path
 
-from conftest import run_lmlab
-from hydra import compose, initialize_config_module
+from helpers import RunsCode, run_lmlab
 
-from lmlab.sample import sample
+from lmlab.cli import parse_key_values
+from lmlab.sample import KEYS, sample
 
 
-def sample_cfg(*overrides: str):
-    with initialize_config_module(config_module="lmlab.conf", version_base="1.3"):
-        return compose(config_name="sample", overrides=list(overrides))
+def sample_cfg(*arguments: str) -> dict[str, str]:
+    """What `lmlab-sample ARGUMENTS` passes to `sample()`, parsed as its command line does."""
+    return parse_key_values("lmlab-sample", "", KEYS, arguments)
 
 
 def test_samples_start_with_the_prompt_and_have_the_requested_length(gpt_checkpoint: Path):
@@ -35,25 +33,21 @@ def test_same_seed_same_text_and_top_k_1_is_greedy(gpt_checkpoint: Path):
         assert sample(sample_cfg(*base, "top_k=1", f"seed={seed}")) == greedy
 
 
-def run_sample_cli(*args: str) -> subprocess.CompletedProcess:
-    return run_lmlab("sample", *args, timeout=120)
-
-
 def test_cli_prints_samples(gpt_checkpoint: Path):
-    result = run_sample_cli(f"ckpt_path={gpt_checkpoint}", "prompt=Speak", "max_new_tokens=10")
+    result = run_lmlab("sample", f"ckpt_path={gpt_checkpoint}", "prompt=Speak", "max_new_tokens=10")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Speak")
 
 
 def test_prompt_outside_the_vocabulary_is_named(gpt_checkpoint: Path):
-    result = run_sample_cli(f"ckpt_path={gpt_checkpoint}", "prompt=Zq")
+    result = run_lmlab("sample", f"ckpt_path={gpt_checkpoint}", "prompt=Zq")
     assert result.returncode == 1
     assert "2 character(s) that are not in the checkpoint's vocabulary" in result.stderr
     assert ": 'Z', 'q'; leave them out or replace them" in result.stderr
 
 
 def test_missing_checkpoint_is_named(tmp_path: Path):
-    result = run_sample_cli(f"ckpt_path={tmp_path}/nope.ckpt")
+    result = run_lmlab("sample", f"ckpt_path={tmp_path}/nope.ckpt")
     assert result.returncode == 1
     assert result.stderr.strip() == (
         f"lmlab-sample: error: checkpoint not found: {tmp_path}/nope.ckpt; "
@@ -64,27 +58,23 @@ def test_missing_checkpoint_is_named(tmp_path: Path):
 def test_truncated_checkpoint_is_refused(gpt_checkpoint: Path, tmp_path: Path):
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(gpt_checkpoint.read_bytes()[:1000])
-    result = run_sample_cli(f"ckpt_path={truncated}")
+    result = run_lmlab("sample", f"ckpt_path={truncated}")
     assert result.returncode == 1
     assert f"{truncated} is truncated (1000 bytes, the end of the archive is missing" in (
         result.stderr
     )
 
 
-class RunsCode:
-    def __reduce__(self):
-        return (os.system, (f"touch {MARKER}",))
-
-
-MARKER = Path("/tmp/lmlab-pickle-ran-code")
-
-
 def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path: Path):
-    MARKER.unlink(missing_ok=True)
+    marker = tmp_path / "pickle-ran-code"
     crafted = tmp_path / "evil.ckpt"
     with open(crafted, "wb") as f:
-        pickle.dump({"state_dict": {}, "hyper_parameters": RunsCode()}, f)
-    result = run_sample_cli(f"ckpt_path={crafted}")
+        pickle.dump({"state_dict": {}, "hyper_parameters": RunsCode(marker)}, f)
+    result = run_lmlab("sample", f"ckpt_path={crafted}")
     assert result.returncode == 1
     assert "was refused" in result.stderr or "not a readable checkpoint" in result.stderr
-    assert not MARKER.exists()
+    assert not marker.exists()
+    # the check has teeth: a plain unpickling of the same file does run the code
+    with open(crafted, "rb") as f:
+        pickle.load(f)
+    assert marker.exists()

@@ -6,36 +6,37 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import time
+from importlib.resources import files
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_lmlab
+from helpers import TINY_GPT, compose_train, run_lmlab
 from hydra import compose, initialize_config_module
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lmlab.callbacks import record_failure
-from lmlab.compare import build_table, collect_runs
 from lmlab.errors import LmlabError
-from lmlab.hparams import run_hparams
-from lmlab.sweeps import (
+from lmlab.hparams_tab import run_hparams
+from lmlab.runs.collect import collect_runs
+from lmlab.runs.sweeps import (
     MAX_DIRNAME_BYTES,
     format_report,
     job_dirname,
     read_sweep,
     swept_keys,
 )
+from lmlab.runs.table import make_table
 from lmlab.train import optimized_value, train
 
-# A GPT small enough that a job takes a second or two; n_head is set per test.
-TINY_GPT = [
-    "model=gpt",
-    "model.n_embd=16",
-    "model.n_layer=1",
+# A job of a second or two: TINY_GPT without its n_head, which each test sets (or sweeps).
+TINY_JOB = [
+    *(o for o in TINY_GPT if not o.startswith("model.n_head=")),
     "data.block_size=8",
     "trainer.accelerator=cpu",
     "trainer.max_steps=4",
@@ -44,10 +45,6 @@ TINY_GPT = [
     "trainer.enable_model_summary=false",
     "callbacks.sample_text.max_new_tokens=20",
 ]
-
-
-def run_train(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return run_lmlab("train", *args, cwd=cwd, timeout=timeout)
 
 
 def compose_with_hydra(overrides: list[str]):
@@ -128,10 +125,11 @@ def test_sweep_subdir_is_the_job_number_and_its_overrides():
 
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path, tiny_corpus: Path):
     sweep = tmp_path / "sweep"
-    result = run_train(
+    result = run_lmlab(
+        "train",
         "-m",
         f"data.path={tiny_corpus}",
-        *TINY_GPT,
+        *TINY_JOB,
         "model.n_head=3,2",  # 16 is not divisible by 3: the first job fails
         f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
@@ -150,7 +148,7 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path, tiny_corpus: Path
     assert (done_dir / "checkpoints" / "last.ckpt").is_file()
     assert "2 jobs, 1 completed, 1 failed" in result.stdout
 
-    rows = build_table(collect_runs([sweep]))
+    rows = make_table(collect_runs([sweep])).rows
     assert [(r["model.n_head"], r["status"]) for r in rows] == [("2", "completed"), ("3", "failed")]
     assert "divisible" in rows[1]["error"]
 
@@ -186,10 +184,7 @@ def test_record_failure_keeps_what_this_run_wrote_but_not_an_old_file(tmp_path: 
 
 def test_a_diverged_run_fails_with_a_hint(tiny_train_cfg):
     cfg = tiny_train_cfg(
-        "model=gpt",
-        "model.n_embd=16",
-        "model.n_head=2",
-        "model.n_layer=1",
+        *TINY_GPT,
         "model.optimizer.lr=1e10",
         "model.scheduler.warmup_steps=0",
         "trainer.log_every_n_steps=1",
@@ -221,32 +216,25 @@ def test_hparams_are_logged_with_the_final_metrics(tiny_train_cfg):
     assert bpc.value == pytest.approx(summary["val/bpc"]) and bpc.step == 20
     [loss] = events.Scalars("hp/val_loss")
     assert loss.value == pytest.approx(summary["val/loss"])
+    # the HParams tab's columns: the logger flattens the nested hyperparameters
+    tab = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    assert b"model/optimizer/lr" in tab and b"data/block_size" in tab
     logged = yaml.safe_load((Path(cfg.paths.output_dir) / "hparams.yaml").read_text())
-    assert logged["data.block_size"] == 16 and logged["model.optimizer.lr"] == 0.01
+    assert logged["data"]["block_size"] == 16 and logged["model"]["optimizer"]["lr"] == 0.01
 
 
-def test_run_hparams_are_flat_tensorboard_values(tmp_path: Path):
-    from conftest import compose_train
-
+def test_run_hparams_are_the_keys_worth_comparing(tmp_path: Path):
     params = run_hparams(compose_train(["model=gpt"], tmp_path))
-    assert params["model.n_embd"] == 128 and params["model.optimizer.lr"] == 1e-3
-    assert params["model.optimizer.betas"] == "[0.9, 0.99]"
-    assert params["data.tokenizer"] == "char" and params["seed"] == 1337
-    assert all(isinstance(v, (bool, int, float, str)) for v in params.values())
-    assert not any(k.startswith(("paths", "callbacks", "data.data_dir")) for k in params)
+    assert params["model"]["n_embd"] == 128 and params["model"]["optimizer"]["lr"] == 1e-3
+    assert params["data"]["tokenizer"] == "char" and params["seed"] == 1337
+    assert set(params) == {"model", "data", "trainer", "seed"}  # no paths, no callbacks
+    assert "data_dir" not in params["data"] and "_target_" not in params["model"]
 
 
 # ----------------------------------------------------------------------------- Optuna
 
 
 def test_optuna_search_composes_with_its_search_space():
-    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
-    from optuna.distributions import (
-        CategoricalDistribution,
-        LogUniformDistribution,
-        UniformDistribution,
-    )
-
     cfg = compose_with_hydra(["hparams_search=shakespeare_optuna"])
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper")
@@ -255,25 +243,34 @@ def test_optuna_search_composes_with_its_search_space():
     assert sweeper.n_trials == 20
     assert cfg.hydra.mode == RunMode.MULTIRUN and cfg.optimized_metric == "val/bpc"
 
-    space, fixed = create_params_from_overrides([f"{k}={v}" for k, v in sweeper.params.items()])
-    assert fixed == {}
-    assert isinstance(space["model.optimizer.lr"], LogUniformDistribution)
-    assert isinstance(space["model.dropout"], UniformDistribution)
-    assert (space["model.dropout"].low, space["model.dropout"].high) == (0.0, 0.2)
-    assert space["model.n_layer"].choices == (2, 4, 6)
-    assert isinstance(space["model.n_embd"], CategoricalDistribution)
+    # The search space as the sweeper reads it: each param parsed as a Hydra override value.
+    parsed = OverridesParser.create().parse_overrides(
+        [f"{k}={v}" for k, v in sweeper.params.items()]
+    )
+    assert all(o.is_sweep_override() for o in parsed)  # nothing fixed: every param is searched
+    space = {o.get_key_element(): o.value() for o in parsed}
+    lr, dropout = space["model.optimizer.lr"], space["model.dropout"]
+    assert isinstance(lr, IntervalSweep) and lr.tags == {"log"}  # searched on a log scale
+    assert (lr.start, lr.end) == (1e-4, 1e-2)
+    assert isinstance(dropout, IntervalSweep) and not dropout.tags
+    assert (dropout.start, dropout.end) == (0.0, 0.2)
+    assert isinstance(space["model.n_layer"], ChoiceSweep)
+    assert space["model.n_layer"].list == [2, 4, 6]
+    assert isinstance(space["model.n_embd"], ChoiceSweep)
+    assert space["model.n_embd"].list == [64, 128, 192]
     # every width of the space splits into the fixed number of heads
-    assert all(n_embd % cfg.model.n_head == 0 for n_embd in space["model.n_embd"].choices)
+    assert all(n_embd % cfg.model.n_head == 0 for n_embd in space["model.n_embd"].list)
 
 
 @pytest.mark.slow
 def test_optuna_search_finishes_and_reports_the_best_parameters(tmp_path: Path, tiny_corpus: Path):
     sweep = tmp_path / "optuna"
-    result = run_train(
+    result = run_lmlab(
+        "train",
         "hparams_search=shakespeare_optuna",  # MULTIRUN by itself: no -m
         "hydra.sweeper.n_trials=2",
         f"data.path={tiny_corpus}",
-        *[o for o in TINY_GPT if not o.startswith(("model.n_embd", "model.n_layer"))],
+        *[o for o in TINY_JOB if not o.startswith(("model.n_embd", "model.n_layer"))],
         # a smaller space than the real one, still searched (n_head 4 divides both widths)
         "model.n_embd=choice(16,32)",
         "model.n_layer=choice(1,2)",
@@ -304,11 +301,12 @@ def test_optuna_search_finishes_and_reports_the_best_parameters(tmp_path: Path, 
 @pytest.mark.slow
 def test_a_failed_trial_does_not_stop_the_optuna_search(tmp_path: Path, tiny_corpus: Path):
     sweep = tmp_path / "optuna"
-    result = run_train(
+    result = run_lmlab(
+        "train",
         "hparams_search=shakespeare_optuna",
         "hydra.sweeper.n_trials=2",
         f"data.path={tiny_corpus}",
-        *[o for o in TINY_GPT if not o.startswith("model.n_embd")],
+        *[o for o in TINY_JOB if not o.startswith("model.n_embd")],
         "model.n_embd=choice(16,24)",
         "model.n_head=3",  # 16 is not divisible by 3: those trials fail
         f"hydra.sweep.dir={sweep}",
@@ -389,12 +387,13 @@ def test_slurm_launcher_matches_the_trainer_and_makes_an_sbatch_script(tmp_path:
 @pytest.mark.slow
 def test_joblib_runs_two_jobs(tmp_path: Path, tiny_corpus: Path):
     sweep = tmp_path / "joblib"
-    result = run_train(
+    result = run_lmlab(
+        "train",
         "-m",
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",
         f"data.path={tiny_corpus}",
-        *TINY_GPT,
+        *TINY_JOB,
         "model.n_head=2",
         "seed=1,2",
         f"hydra.sweep.dir={sweep}",
@@ -408,10 +407,13 @@ def test_joblib_runs_two_jobs(tmp_path: Path, tiny_corpus: Path):
     assert "2 jobs, 2 completed" in result.stdout
 
 
-def test_hparams_search_group_holds_only_composable_configs(tmp_path: Path):
-    for path in sorted((REPO / "src" / "lmlab" / "conf" / "hparams_search").glob("*.yaml")):
-        cfg = compose_with_hydra([f"hparams_search={path.stem}"])
-        assert cfg.hydra.sweeper.params, path.name
+def test_hparams_search_group_holds_only_composable_configs():
+    group = files("lmlab.conf").joinpath("hparams_search")  # the installed config tree
+    names = sorted(f.name[:-5] for f in group.iterdir() if f.name.endswith(".yaml"))
+    assert names  # the group is found: an empty loop would check nothing
+    for name in names:
+        cfg = compose_with_hydra([f"hparams_search={name}"])
+        assert cfg.hydra.sweeper.params, name
 
 
 @pytest.mark.parametrize(
@@ -424,7 +426,7 @@ def test_hparams_search_group_holds_only_composable_configs(tmp_path: Path):
     ],
 )
 def test_parallel_jobs_share_the_cores(monkeypatch, target, n_jobs, cores, threads):
-    import lmlab.sweeps as sweeps
+    import lmlab.runs.sweeps as sweeps
 
     hydra_cfg = OmegaConf.create({"launcher": {"_target_": target, "n_jobs": n_jobs}})
     monkeypatch.setattr(sweeps, "is_multirun", lambda: True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.lit_module import LanguageModel
+from lmlab.lit_module import LitLanguageModel
 from lmlab.train import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -33,8 +33,12 @@ def test_lr_find_saves_its_plot_and_trains_at_the_suggestion(tiny_train_cfg):
     # the finder restores the initial weights: training starts from scratch, for max_steps
     assert summary["steps"] == 10
 
-    hparams = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    hparams = saved["hyper_parameters"]
     assert hparams["optimizer"]["lr"] == pytest.approx(found["suggestion"])
+    # the optimizer itself trained at the suggestion (its schedule's base rate)
+    for group in saved["optimizer_states"][0]["param_groups"]:
+        assert group["initial_lr"] == pytest.approx(found["suggestion"])
     # bigram.yaml: constant schedule with min_lr 1e-3 at lr 1e-2; the ratio is kept
     assert hparams["scheduler"]["min_lr"] == pytest.approx(found["suggestion"] / 10)
 
@@ -49,7 +53,7 @@ def test_lr_find_without_apply_keeps_the_configured_rate(tiny_train_cfg):
 
 
 def test_set_learning_rate_moves_the_schedule_floor_with_it():
-    module = LanguageModel(
+    module = LitLanguageModel(
         "bigram",
         {"vocab_size": 5, "block_size": 4},
         optimizer={"lr": 1e-3, "weight_decay": 0.0},
