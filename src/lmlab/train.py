@@ -104,9 +104,7 @@ def build_run(cfg: DictConfig, extra_callbacks: tuple[Any, ...] = ()) -> Run:
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
-    if not group:
-        return []
-    return [hydra.utils.instantiate(node) for node in group.values() if node is not None]
+    return [hydra.utils.instantiate(n) for n in (group or {}).values() if n is not None]
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -121,6 +119,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
     from lmlab.callbacks import RunSummary
+    from lmlab.checkpoint import check_resumable, check_same_data
     from lmlab.hparams_tab import hparam_metrics, log_final_hparams, run_hparams
 
     if (threads := threads_per_parallel_job()) is not None:
@@ -149,8 +148,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     if summary is not None:
         summary.extra["data"] = datamodule.part_summary()
 
-    if cfg.get("ckpt_path") is not None:
-        _check_resume(cfg.ckpt_path, module)
+    if cfg.get("ckpt_path") is not None:  # it exists, is a checkpoint, and fits this data
+        if (saved := check_resumable(cfg.ckpt_path, module)) is not None:
+            check_same_data(cfg.ckpt_path, saved, dict(module.hparams))
     elif cfg.get("val_at_start", True):
         _validate_at_start(trainer, module, datamodule)
     # weights_only: resuming never runs code pickled into a checkpoint
@@ -166,15 +166,6 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         trainer.loggers, hparams, hparam_metrics(summary.summary), trainer.global_step
     )
     return summary.summary
-
-
-def _check_resume(ckpt_path: str, module: LitLanguageModel) -> None:
-    """Before Lightning loads a checkpoint: it exists, is one, and belongs to this data."""
-    from lmlab.checkpoint import check_resumable, check_same_data
-
-    saved = check_resumable(ckpt_path, module)
-    if saved is not None:
-        check_same_data(ckpt_path, saved, dict(module.hparams))
 
 
 def _validate_at_start(trainer: L.Trainer, module: LitLanguageModel, datamodule: Any) -> None:
@@ -214,18 +205,14 @@ def _test(trainer: L.Trainer, module: LitLanguageModel, datamodule: Any) -> dict
 def optimized_value(summary: dict[str, Any], metric: str) -> float | None:
     """The run's best value of `metric` (what a sweeper minimises), None when it has none."""
     value = summary.get(metric, (summary.get("best") or {}).get(metric))
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def _report_user_error(err: BaseException) -> LmlabError | None:
     """Find our own error inside Hydra's InstantiationException wrapping, if it is one."""
-    while err is not None:
-        if isinstance(err, LmlabError):
-            return err
+    while err is not None and not isinstance(err, LmlabError):
         err = err.__cause__
-    return None
+    return err
 
 
 @hydra.main(version_base="1.3", config_path="pkg://lmlab.conf", config_name="train")
@@ -248,7 +235,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         sys.exit(143)
     except Exception as err:
         user_error = _report_user_error(err)
-        record_failure(output_dir, _describe(user_error or err), started)
+        record_failure(
+            output_dir, f"{type(user_error or err).__name__}: {user_error or err}", started
+        )
         if not is_multirun():
             if user_error is None:
                 raise  # a bug: the traceback is what helps
@@ -256,7 +245,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         # One failed job must not stop the sweep: log it and let the next job run. None
         # tells Optuna that the trial failed (it is left out of the search's model).
         if user_error is None:
-            log.exception("job failed: %s", _describe(err))
+            log.exception("job failed: %s: %s", type(err).__name__, err)
         else:
             log.error("job failed: %s", user_error)
         return None
@@ -277,10 +266,6 @@ def _figures(metrics: dict[str, Any], part: str) -> str:
     """`val/loss 1.2345, val/bpc 1.7810, val/bpb 1.7810`, for the figures that are there."""
     names = [f"{part}/{m}" for m in ("loss", "bpc", "bpb") if f"{part}/{m}" in metrics]
     return ", ".join(f"{name} {metrics[name]:.4f}" for name in names)
-
-
-def _describe(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}"
 
 
 def main() -> None:
