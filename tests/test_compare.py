@@ -441,3 +441,107 @@ def test_a_single_seed_row_is_marked_and_not_judged(tmp_path: Path, capsys) -> N
         "sweep seed=1,2,3"
     ) in printed
     assert "p =" not in printed
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("text", ["[]", "3", '"x"', "null"])
+def test_metrics_json_that_is_not_an_object_is_listed_as_unreadable(
+    tmp_path: Path, capsys, text: str
+) -> None:
+    make_run(tmp_path / "ok", ["lr=0.1"], loss=1.0, bpc=1.4)
+    (make_run(tmp_path / "odd", ["lr=0.2"], loss=0.5, bpc=0.5) / "metrics.json").write_text(text)
+    rows = make_table(collect_runs([tmp_path])).rows
+    assert [(r["run"], r["rank"], r["status"]) for r in rows] == [
+        ("ok", 1, "completed"),
+        ("odd", None, "unknown"),
+    ]
+    assert rows[1]["error"] == "metrics.json is not a JSON object"
+    assert main([str(tmp_path)]) == 0
+    assert "metrics.json is not a JSON object" in capsys.readouterr().out
+
+
+def test_non_finite_seeds_are_left_out_of_the_group_statistics(tmp_path: Path, capsys) -> None:
+    for seed, loss in enumerate([1.0, float("nan"), 1.4, float("inf")], start=1):
+        make_run(tmp_path / f"a{seed}", ["lr=0.1", f"seed={seed}"], loss=loss, bpc=loss)
+    for seed, loss in enumerate([1.1, 1.3], start=1):  # the negative control: all finite
+        make_run(tmp_path / f"b{seed}", ["lr=0.2", f"seed={seed}"], loss=loss, bpc=loss)
+    for seed in (1, 2):  # no finite value at all: not ranked, shown as nan
+        make_run(tmp_path / f"c{seed}", ["lr=0.3", f"seed={seed}"], loss=math.nan, bpc=1.0)
+    rows = make_table(collect_runs([tmp_path]), metric="val/loss").rows
+
+    assert [(r["lr"], r["rank"], r["n"]) for r in rows] == [
+        ("0.1", 1, 4),
+        ("0.2", 2, 2),
+        ("0.3", None, 2),
+    ]
+    assert rows[0]["val/loss"] == pytest.approx(1.2)
+    assert rows[0]["val/loss_std"] == pytest.approx(statistics.stdev([1.0, 1.4]))
+    assert (
+        rows[0]["error"] == "val/loss not finite in 2 of 4 runs; val/bpc not finite in 2 of 4 runs"
+    )
+    assert rows[1]["val/loss"] == pytest.approx(1.2)
+    assert rows[1]["val/loss_std"] == pytest.approx(statistics.stdev([1.1, 1.3]))
+    assert rows[1]["error"] is None
+    assert math.isnan(rows[2]["val/loss"]) and rows[2]["val/loss_std"] is None
+    assert rows[2]["val/bpc"] == 1.0 and rows[2]["error"] == "val/loss not finite in 2 of 2 runs"
+
+    assert main([str(tmp_path), "--metric", "val/loss"]) == 0
+    printed = capsys.readouterr().out
+    assert '"lr=0.1" 1.2000 ± 0.2828 (2 seeds) vs "lr=0.2" 1.2000 ± 0.1414 (2 seeds)' in printed
+
+
+def test_a_single_nan_run_ranks_last(tmp_path: Path) -> None:
+    make_run(tmp_path / "nan", ["lr=0.1"], loss=math.nan, bpc=math.nan)
+    make_run(tmp_path / "ok", ["lr=0.2"], loss=2.0, bpc=2.0)
+    rows = make_table(collect_runs([tmp_path])).rows
+    assert [(r["run"], r["rank"]) for r in rows] == [("ok", 1), ("nan", None)]
+    assert (
+        rows[1]["error"] == "val/loss not finite in 1 of 1 runs; val/bpc not finite in 1 of 1 runs"
+    )
+
+
+@pytest.mark.parametrize("option", ["--csv", "--markdown", "--plot"])
+def test_an_output_path_that_is_a_directory_is_refused_before_writing(
+    tmp_path: Path, capsys, option: str
+) -> None:
+    make_run(tmp_path / "runs" / "a", ["lr=0.1"], loss=1.0, bpc=1.4)
+    out = tmp_path / "out.png"  # a directory, with a name --plot accepts
+    out.mkdir()
+    csv_file = tmp_path / "t.csv"
+    extra = [] if option == "--csv" else ["--csv", str(csv_file)]
+    assert_refused([str(tmp_path / "runs"), *extra, option, str(out)])
+    example = {"--csv": "table.csv", "--markdown": "report.md", "--plot": "curves.png"}[option]
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"lmlab-compare: error: {option} {out} is a directory; "
+        f"give a file name, e.g. {out / example}\n"
+    )
+    assert captured.out == "" and not csv_file.exists()  # checked before anything
+
+
+def test_an_output_path_under_a_file_is_refused(tmp_path: Path, capsys) -> None:
+    make_run(tmp_path / "runs" / "a", ["lr=0.1"], loss=1.0, bpc=1.4)
+    (tmp_path / "notes.txt").write_text("x")
+    out = tmp_path / "notes.txt" / "sub" / "t.csv"
+    assert_refused([str(tmp_path / "runs"), "--csv", str(out)])
+    assert capsys.readouterr().err == (
+        f"lmlab-compare: error: --csv {out}: {tmp_path / 'notes.txt'} is a file; "
+        "give a path in a folder\n"
+    )
+
+
+def test_an_output_path_in_a_read_only_folder_is_refused(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    make_run(tmp_path / "runs" / "a", ["lr=0.1"], loss=1.0, bpc=1.4)
+    out = tmp_path / "new" / "report.md"  # a missing folder is made, in a folder that exists
+    # Tests may run as root, for whom every folder is writable: the check is what is tested.
+    monkeypatch.setattr("lmlab.runs.compare.os.access", lambda path, mode: False)
+    assert_refused([str(tmp_path / "runs"), "--markdown", str(out)])
+    assert capsys.readouterr().err == (
+        f"lmlab-compare: error: --markdown {out}: cannot write in {tmp_path}; "
+        "give a writable folder\n"
+    )
+    assert not (tmp_path / "new").exists()

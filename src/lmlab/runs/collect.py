@@ -58,6 +58,8 @@ def read_metrics(run_dir: Path) -> tuple[dict[str, Any], str, str | None]:
         return {}, "unknown", "no metrics.json: stopped before its first validation (see train.log)"
     except (OSError, ValueError) as err:
         return {}, "unknown", f"unreadable metrics.json: {err}"
+    if not isinstance(metrics, dict):  # valid JSON, but `[]`, `3`, `"x"` or `null`
+        return {}, "unknown", "metrics.json is not a JSON object"
     return metrics, str(metrics.get("status", "unknown")), metrics.get("error")
 
 

@@ -19,6 +19,20 @@ from lmlab.runs.collect import PROG, collect_runs
 from lmlab.runs.table import make_table
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+EXAMPLE_NAMES = {"--csv": "table.csv", "--markdown": "report.md", "--plot": "curves.png"}
+
+
+def check_output(option: str, path: Path) -> None:
+    """Refuse an output path that cannot be written, before anything is written. Missing
+    folders are made, so the test is on the nearest folder that exists."""
+    if path.is_dir():
+        example = path / EXAMPLE_NAMES[option]
+        raise LmlabError(f"{option} {path} is a directory; give a file name, e.g. {example}")
+    folder = next((p for p in path.absolute().parents if p.exists()), Path.cwd())
+    if not folder.is_dir():
+        raise LmlabError(f"{option} {path}: {folder} is a file; give a path in a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise LmlabError(f"{option} {path}: cannot write in {folder}; give a writable folder")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.plot is not None and args.plot.suffix.lower() not in PLOT_SUFFIXES:
             message = f"--plot {args.plot}: unknown image type; end the name with one of "
             raise LmlabError(message + ", ".join(PLOT_SUFFIXES))
+        for option in EXAMPLE_NAMES:
+            if (path := getattr(args, option[2:])) is not None:
+                check_output(option, path)
         runs = collect_runs(args.dirs)
         table = make_table(runs, args.metric, args.group_seeds, args.higher_is_better)
         title = render.caption(table, len(runs))

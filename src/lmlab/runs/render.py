@@ -121,7 +121,7 @@ def write_markdown(
     top = table.groups[0]
     if top.ranked:  # the samples of the top row's best run
         sign = -1.0 if table.higher_is_better else 1.0
-        runs = [r for r in top.runs if r.value(table.metric) is not None]
+        runs = [r for r in top.runs if math.isfinite(r.value(table.metric) or math.nan)]
         best = min(runs, key=lambda r: (sign * (r.value(table.metric) or 0.0), r.name))
         file = best.path / "samples.txt"
         text = file.read_text(encoding="utf-8", errors="replace").rstrip() if file.is_file() else ""

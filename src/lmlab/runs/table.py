@@ -45,8 +45,8 @@ class RunTable:
 
 
 def metric_values(runs: Sequence[RunRecord], metric: str) -> list[float]:
-    """The runs' values of `metric`, leaving out runs without one."""
-    return [v for v in (r.value(metric) for r in runs) if v is not None]
+    """The runs' values of `metric`, leaving out runs without one or with NaN or inf."""
+    return [v for v in (r.value(metric) for r in runs) if v is not None and math.isfinite(v)]
 
 
 def make_table(
@@ -87,13 +87,17 @@ def make_table(
         row: dict[str, Any] = {"rank": None, "run": ", ".join(r.name for r in members), "n": n}
         for key in differ:
             row[key] = ",".join(dict.fromkeys(r.param(key, use_overrides) for r in members))
+        nonfinite = []  # NaN or inf values are left out of the means, and said so
         for key in dict.fromkeys([*METRIC_KEYS, metric]):
             values = metric_values(members, key)
             row[key] = statistics.fmean(values) if values else None
             row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+            if bad := sum(r.value(key) is not None for r in members) - len(values):
+                nonfinite.append(f"{key} not finite in {bad} of {n} runs")
+                row[key] = row[key] if values else math.nan  # "nan", not a missing "-"
         row["status"] = first.status
         # The first non-blank line of the error, cut to 80 characters.
-        error = first.error if first.status != "completed" else None
+        error = first.error if first.status != "completed" else "; ".join(nonfinite) or None
         line = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), "")
         row["error"] = (line if len(line) <= 80 else line[:79] + "…") if error else None
 
