@@ -16,7 +16,8 @@ import pytest
 import torch
 from conftest import TINY_TEXT, needs_tiktoken
 
-from lmlab.data import token_cache, tokenization
+from lmlab.atomic_write import host_name
+from lmlab.data import tokenization
 from lmlab.data.corpus import read_documents
 from lmlab.data.datamodule import TextDataModule
 from lmlab.data.token_cache import TokenCache, TokenSink
@@ -266,7 +267,7 @@ def test_temporaries_of_finished_processes_are_removed(tiny_corpus, tmp_path):
     bin_path.with_suffix(".json").unlink()  # force a rebuild, which cleans up first
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
-    host = token_cache._host()
+    host = host_name()
     dead = tmp_path / f"{bin_path.name}.{host}.{ended.pid}.aaaaaa.tmp"
     alive = tmp_path / f"{bin_path.name}.{host}.{os.getpid()}.bbbbbb.tmp"
     for tmp in (dead, alive):

@@ -8,12 +8,17 @@ that says what was found and what to give instead."""
 from __future__ import annotations
 
 import hashlib
+import math
 import pickle
 import re
+import typing
 import warnings
 import zipfile
+from dataclasses import MISSING as _MISSING
+from dataclasses import fields as _fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import torch
 from lightning.fabric.plugins.io import TorchCheckpointIO
@@ -22,19 +27,30 @@ from torch import nn
 from lmlab.atomic_write import atomic_write_bytes
 from lmlab.data.tokenizers import Tokenizer, tokenizer_from_state
 from lmlab.errors import LmlabError
-from lmlab.models import build_model
+from lmlab.models import MODELS, build_model
 
 USE_INSTEAD = "give ckpt_path=<run dir>/checkpoints/last.ckpt, a file written by lmlab-train"
 # ckpt_path values that Lightning resolves itself (the trainer's own last/best checkpoint)
 LIGHTNING_KEYWORDS = ("last", "best", "hpc")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 PICKLE_MAGIC = b"\x80"  # a raw pickle (protocol 2+): the legacy torch.save format, or no checkpoint
+# bounds on a checkpoint's hyperparameters: past them, building the model would try to allocate
+# more memory than any machine has (a crafted or damaged file, not a model this lab trains)
+MAX_VOCAB, MAX_SIZE, MAX_PARAMETERS = 10_000_000, 2**31 - 1, 2**31
+
+
+def local_path(path: str | Path) -> str | Path:
+    """A `file://` URL (or `file:/...`, as Path() leaves it) as the local path it names."""
+    url = urlparse(str(path)) if str(path).startswith("file:") else None
+    if url is None or url.netloc not in ("", "localhost"):
+        return path
+    return unquote(url.path)
 
 
 def read_checkpoint(path: str | Path, device: str = "cpu") -> dict[str, Any]:
     """The contents of an lmlab checkpoint, loaded with `weights_only=True` (tensors and plain
     data only: a checkpoint with code in it is refused before any of it runs)."""
-    path = Path(path).expanduser()
+    path = Path(local_path(path)).expanduser()
     # a clear error for a path that cannot hold a checkpoint, before torch.load sees it
     if path.is_dir():
         inside = path / "checkpoints" / "last.ckpt"
@@ -90,14 +106,102 @@ def read_checkpoint(path: str | Path, device: str = "cpu") -> dict[str, Any]:
             f"{path} is not an lmlab checkpoint (it has no model hyperparameters, tokenizer "
             f"or weights); {USE_INSTEAD}"
         )
+    if problem := _unusable(checkpoint):
+        raise LmlabError(f"{path} is not a usable lmlab checkpoint: {problem}; {USE_INSTEAD}")
     return checkpoint
+
+
+def _unusable(checkpoint: dict[str, Any]) -> str | None:
+    """What makes a loaded checkpoint's contents unfit to build a model and tokenizer from (the
+    file is untrusted: a wrong type or a huge size must not reach the model's constructor)."""
+    weights, hparams = checkpoint["state_dict"], checkpoint["hyper_parameters"]
+    if not isinstance(weights, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
+    ):
+        return "state_dict is not a mapping of names to tensors"
+    name, values = hparams["model_name"], hparams.get("model_hparams")
+    if not isinstance(name, str) or name not in MODELS:
+        return f"model_name is {name!r}, not one of lmlab's models {sorted(MODELS)}"
+    if not isinstance(values, dict):
+        return f"model_hparams is {type(values).__name__}, not a mapping of settings"
+    config = MODELS[name][0]
+    types = typing.get_type_hints(config)
+    if unknown := sorted(map(str, set(values) - set(types))):
+        return f"model_hparams has {unknown}, which model {name!r} does not take"
+    required = {f.name for f in _fields(config) if f.default is f.default_factory is _MISSING}
+    if missing := sorted(required - set(values)):
+        return f"model_hparams lacks {missing}, which model {name!r} needs"
+    for key, value in values.items():
+        if problem := _bad_value(value, types[key]):
+            return f"model_hparams.{key} is {value!r}, {problem}"
+    if values["vocab_size"] > MAX_VOCAB:
+        return f"model_hparams.vocab_size is {values['vocab_size']}, over {MAX_VOCAB:,} tokens"
+    if (count := _parameter_estimate(name, values)) > MAX_PARAMETERS:
+        return f"its model_hparams describe about {count:.2g} parameters, over {MAX_PARAMETERS:.2g}"
+    return _bad_tokenizer(hparams["tokenizer_state"])
+
+
+def _bad_value(value: Any, annotation: Any) -> str | None:
+    allowed = set(typing.get_args(annotation)) or {annotation}
+    if value is None:
+        return None if type(None) in allowed else "not a value"
+    if bool in allowed:
+        return None if isinstance(value, bool) else "not true or false"
+    if int in allowed:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "not a whole number"
+        return None if 0 <= value <= MAX_SIZE else f"not between 0 and {MAX_SIZE}"
+    if float in allowed:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        return None if number and math.isfinite(value) else "not a finite number"
+    return "not a setting lmlab can read"
+
+
+def _parameter_estimate(name: str, v: dict[str, Any]) -> float:
+    """Roughly how many numbers the model's weights hold (the big matrices only)."""
+    vocab, embd = v["vocab_size"], v.get("n_embd", 0)
+    if name == "gpt":
+        embd = v.get("n_embd", 128)
+        return (vocab + v["block_size"]) * embd + 12.0 * v.get("n_layer", 4) * embd**2
+    if name == "mlp":
+        embd, hidden = v.get("n_embd", 10), v.get("n_hidden", 200)
+        return vocab * embd + v.get("context", 3) * embd * hidden + hidden * vocab
+    if name == "bigram" and vocab > (v.get("max_full_vocab") or 8192):
+        return 2.0 * vocab * (v.get("rank") or 256)
+    return float(vocab) * vocab
+
+
+def _bad_tokenizer(state: Any) -> str | None:
+    if not isinstance(state, dict):
+        return f"tokenizer_state is {type(state).__name__}, not a mapping"
+    kind = state.get("kind")
+    if kind == "char":
+        chars = state.get("chars")
+        if not isinstance(chars, list) or not chars or len(chars) > MAX_VOCAB:
+            return "tokenizer_state.chars is not a list of the tokenizer's characters"
+        if not all(isinstance(c, str) and len(c) == 1 for c in chars):
+            return "tokenizer_state.chars holds something other than single characters"
+        return None
+    if kind == "tiktoken":
+        ranks, values = state.get("ranks", []), state.get("rank_values") or []
+        if not isinstance(state.get("name"), str):
+            return "tokenizer_state.name is not the name of a tiktoken encoding"
+        if not (isinstance(ranks, list) and all(isinstance(r, str) for r in ranks)):
+            return "tokenizer_state.ranks is not a list of base64 tokens"
+        if not isinstance(values, list) or not all(type(r) is int for r in values):
+            return "tokenizer_state.rank_values is not a list of whole numbers"
+        return None
+    return f"tokenizer_state.kind is {kind!r}, not 'char' or 'tiktoken'"
 
 
 def load_for_sampling(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Tokenizer]:
     """The model (in eval mode, on `device`) and tokenizer saved in a Lightning checkpoint."""
     checkpoint = read_checkpoint(path, device)
     hparams = checkpoint["hyper_parameters"]
-    model = build_model(hparams["model_name"], **hparams["model_hparams"])
+    try:
+        model = build_model(hparams["model_name"], **hparams["model_hparams"])
+    except LmlabError as err:  # e.g. n_head = 0: the config's own check, about this file
+        raise LmlabError(f"{path} is not a usable lmlab checkpoint: {err}; {USE_INSTEAD}") from err
     weights = checkpoint["state_dict"]
     state = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
     try:
@@ -119,15 +223,25 @@ def _differences(saved: dict[str, Any], now: dict[str, Any], template: str) -> l
     ]
 
 
-def check_resumable(path: str | Path, module: nn.Module | None = None) -> dict[str, Any] | None:
+def check_resumable(
+    path: str | Path, module: nn.Module | None = None, max_steps: int = -1
+) -> dict[str, Any] | None:
     """Check `ckpt_path` before `trainer.fit` resumes from it; return its hyperparameters, or
     None for what Lightning resolves itself (`last`, `best`, `hpc`, URLs). Given this run's
     LightningModule, weights that do not fit its model are an LmlabError naming the settings
-    that differ (another tokenizer is left to `check_same_data`)."""
+    that differ (another tokenizer is left to `check_same_data`); so is a checkpoint already at
+    or past `max_steps`."""
+    path = local_path(path)  # a file:// URL goes through the same checks as its path
     if str(path) in LIGHTNING_KEYWORDS or "://" in str(path):
         return None
     checkpoint = read_checkpoint(path)
     hparams = dict(checkpoint["hyper_parameters"])
+    step = checkpoint.get("global_step")
+    if isinstance(step, int) and 0 <= max_steps <= step:  # Lightning would stop at once, silently
+        raise LmlabError(
+            f"cannot resume from {path}: it is at step {step} and trainer.max_steps={max_steps}, "
+            f"so there is nothing to train; set trainer.max_steps above {step}"
+        )
     if module is None or hparams["tokenizer_state"] != module.hparams.get("tokenizer_state"):
         return hparams
     saved_shapes = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
@@ -208,4 +322,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
     ) -> None:
-        atomic_write_bytes(path, lambda f: torch.save(checkpoint, f))
+        size = _tensor_bytes(checkpoint)  # a full disk's message says how much was needed
+        atomic_write_bytes(path, lambda f: torch.save(checkpoint, f), size_hint=size)
+
+
+def _tensor_bytes(data: Any) -> int:
+    if isinstance(data, torch.Tensor):
+        return data.nelement() * data.element_size()
+    if isinstance(data, dict):
+        return sum(_tensor_bytes(v) for v in data.values())
+    if isinstance(data, list | tuple):
+        return sum(_tensor_bytes(v) for v in data)
+    return 0

@@ -129,6 +129,10 @@ def read_documents(
 
 def check_corpus_file(path: str | Path) -> Path:
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise LmlabError(f"{path} is a directory; give data.path=FILE, a text/TSV/CSV/JSONL file")
+    if path.exists() and not path.is_file():
+        raise LmlabError(f"{path} is not a regular file (a FIFO or device); give a file")
     if not path.is_file():
         raise LmlabError(f"corpus file not found: {path} (check data.path)")
     if path.stat().st_size == 0:

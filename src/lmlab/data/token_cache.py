@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import re
-import socket
 import tempfile
 import time
 import zlib
@@ -29,7 +28,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from lmlab.atomic_write import atomic_write_text
+from lmlab.atomic_write import atomic_write_text, host_name, process_alive
 from lmlab.data.corpus import sha256_of
 from lmlab.data.tokenizers import Tokenizer, document_views, tokenizer_from_state
 
@@ -144,7 +143,7 @@ class TokenCache:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._remove_stale_temporaries()
-            tmp = f"{self.bin_path.name}.{_host()}.{os.getpid()}.{os.urandom(3).hex()}.tmp"
+            tmp = f"{self.bin_path.name}.{host_name()}.{os.getpid()}.{os.urandom(3).hex()}.tmp"
             # open(), not mkstemp: the entry gets the usual mode (umask), readable by the
             # other users of a shared cache
             file = open(self.bin_path.with_name(tmp), "x+b")  # noqa: SIM115 (the sink closes it)
@@ -167,7 +166,7 @@ class TokenCache:
                 host, pid = parts[0], int(parts[1])
             except (OSError, IndexError, ValueError):
                 continue
-            if age > STALE_SECONDS or (host == _host() and not _process_alive(pid)):
+            if age > STALE_SECONDS or (host == host_name() and not process_alive(pid)):
                 tmp.unlink(missing_ok=True)
                 log.info("token cache: removed %s, left by a run that did not finish", tmp.name)
 
@@ -245,15 +244,3 @@ def _map(file: Path | IO[bytes], dtype: str, count: int, offset: int = 0) -> np.
         return np.frombuffer(bytearray(file.getbuffer()), dtype, count, offset)
     # mode "c": writable for torch.from_numpy (no warning), yet never writes to the file.
     return np.memmap(file, dtype=dtype, mode="c", shape=(count,), offset=offset)
-
-
-def _host() -> str:
-    return re.sub(r"[^\w-]+", "_", socket.gethostname()) or "host"
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError as err:  # PermissionError: another user's process, alive
-        return not isinstance(err, ProcessLookupError)
-    return True
