@@ -125,6 +125,19 @@ def test_resume_refuses_a_checkpoint_of_another_corpus(
         train(compose_train([*GPT, f"data.path={shuffled}", f"ckpt_path={last}"], tmp_path / "c"))
 
 
+def test_resume_with_nothing_left_to_train_is_refused(tiny_corpus: Path, tmp_path: Path):
+    overrides = [f"data.path={tiny_corpus}", *GPT]
+    train(compose_train([*overrides, "trainer.max_steps=5"], tmp_path / "a"))
+    last = tmp_path / "a/checkpoints/last.ckpt"
+    for max_steps in (5, 3):
+        resumed = [*overrides, f"ckpt_path={last}", f"trainer.max_steps={max_steps}"]
+        with pytest.raises(LmlabError, match=f"it is at step 5 and trainer.max_steps={max_steps}"):
+            train(compose_train(resumed, tmp_path / f"b{max_steps}"))
+    # the negative control: one step more is something to train
+    resumed = [*overrides, f"ckpt_path={last}", "trainer.max_steps=6"]
+    assert train(compose_train(resumed, tmp_path / "c"))["steps"] == 6
+
+
 def test_checkpoints_are_written_whole_or_not_at_all(tmp_path: Path, monkeypatch):
     from lmlab.checkpoint import AtomicCheckpointIO
 

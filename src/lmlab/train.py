@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from lmlab.config_check import check_config
 from lmlab.errors import LmlabError
 from lmlab.runs.sweeps import (
     is_multirun,
@@ -116,6 +117,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _train(cfg: DictConfig) -> dict[str, Any]:
+    # before anything is built or written, and before anything resolves an interpolation
+    check_config(cfg)
     import torch
 
     from lmlab.callbacks import RunSummary
@@ -149,7 +152,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         summary.extra["data"] = datamodule.part_summary()
 
     if cfg.get("ckpt_path") is not None:  # it exists, is a checkpoint, and fits this data
-        if (saved := check_resumable(cfg.ckpt_path, module)) is not None:
+        max_steps = cfg.trainer.get("max_steps", -1)
+        if (saved := check_resumable(cfg.ckpt_path, module, max_steps)) is not None:
             check_same_data(cfg.ckpt_path, saved, dict(module.hparams))
     elif cfg.get("val_at_start", True):
         _validate_at_start(trainer, module, datamodule)
@@ -274,7 +278,11 @@ def main() -> None:
 
         print(train_help())
         return
-    _hydra_main()
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (while tokenizing, say)
+        print("lmlab-train: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT, as a shell reports it
     report = last_sweep_report()  # set by the SweepStatus callback after `-m`
     if report is not None and report.failed:
         sys.exit(1)
