@@ -156,3 +156,19 @@ def test_ddp_processes_share_the_run_directory_that_the_first_one_named(
     assert (run_dir / "train_process_1.log").is_file()  # the second process ran, in this dir
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path: Path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    result = run_lmlab("train", f"hydra.run.dir={a_file}/run", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"lmlab-train: error: cannot write the run directory {a_file}/run (Not a directory); "
+        "free some space there, or give a writable place with hydra.run.dir=DIR or "
+        "paths.log_dir=DIR"
+    )
+    # the negative control: the same command with a writable directory gets past the check
+    ok = run_lmlab("train", f"hydra.run.dir={tmp_path}/run", "trainer.max_steps=0", cwd=tmp_path)
+    assert "cannot write the run directory" not in ok.stderr
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").stat().st_size > 0

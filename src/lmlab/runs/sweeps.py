@@ -11,6 +11,8 @@ import os
 import re
 import secrets
 import shlex
+import sys
+import tempfile
 import time
 from collections.abc import Collection, Iterable
 from pathlib import Path
@@ -145,6 +147,34 @@ _last_report: SweepReport | None = None
 
 def last_sweep_report() -> SweepReport | None:
     return _last_report
+
+
+class RunDirectoryCheck(Callback):
+    """A Hydra callback (conf/hydra/default.yaml): before Hydra writes `.hydra/` and opens
+    `train.log` in the run (or sweep) directory, make sure something can be written there;
+    otherwise one line says where and why, instead of a logging traceback and a 0-byte config."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_writable(Path(str(config.hydra.run.dir)), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_writable(Path(str(config.hydra.sweep.dir)), "hydra.sweep.dir")
+
+
+def _check_writable(directory: Path, key: str) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory) as probe:  # a full disk fails on data, too
+            probe.write(bytes(1 << 16))
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as err:
+        print(
+            f"lmlab-train: error: cannot write the run directory {directory} ({err.strerror}); "
+            f"free some space there, or give a writable place with {key}=DIR or paths.log_dir=DIR",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 class SweepStatus(Callback):
