@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import TINY_GPT, run_lmlab
+from helpers import TINY_GPT, TINY_TEXT, run_lmlab
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
@@ -169,6 +169,24 @@ def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path: Path):
         "paths.log_dir=DIR"
     )
     # the negative control: the same command with a writable directory gets past the check
-    ok = run_lmlab("train", f"hydra.run.dir={tmp_path}/run", "trainer.max_steps=0", cwd=tmp_path)
-    assert "cannot write the run directory" not in ok.stderr
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(TINY_TEXT, encoding="utf-8")
+    ok = run_lmlab(
+        "train",
+        f"hydra.run.dir={tmp_path}/run",
+        f"data.path={corpus}",
+        "trainer.max_steps=1",
+        cwd=tmp_path,
+    )
+    assert ok.returncode == 0, ok.stderr[-2000:]
     assert (tmp_path / "run" / ".hydra" / "config.yaml").stat().st_size > 0
+
+
+def test_a_bad_config_is_refused_before_anything_is_written(tmp_path: Path):
+    result = run_lmlab("train", f"hydra.run.dir={tmp_path}/run", "model.optimizer.lr=-1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "lmlab-train: error: model.optimizer.lr=-1 is not allowed; "
+        "set model.optimizer.lr to a number > 0"
+    )
+    assert not (tmp_path / "run").exists()  # no .hydra/, no train.log, no metrics.json

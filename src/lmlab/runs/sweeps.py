@@ -5,6 +5,7 @@ the jobs (in this process, in joblib workers, or on SLURM nodes sharing the file
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import os
@@ -22,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from lmlab.runs.collect import read_metrics
 
@@ -151,11 +152,28 @@ def last_sweep_report() -> SweepReport | None:
 
 class RunDirectoryCheck(Callback):
     """A Hydra callback (conf/hydra/default.yaml): before Hydra writes `.hydra/` and opens
-    `train.log` in the run (or sweep) directory, make sure something can be written there;
-    otherwise one line says where and why, instead of a logging traceback and a 0-byte config."""
+    `train.log` in the run (or sweep) directory, check the config (lmlab.config_check) and
+    that something can be written there; otherwise one line says what is wrong, instead of a
+    logging traceback and a 0-byte config. A sweep's jobs are checked as they start."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _check_writable(Path(str(config.hydra.run.dir)), "hydra.run.dir")
+        from lmlab.cli import refuse
+        from lmlab.config_check import check_config
+        from lmlab.errors import LmlabError
+
+        # as run_job will see it: the run's directory, and HydraConfig for `${hydra:...}`
+        # resolved on Hydra's own config first: `${now:...}` is cached there, so the directory
+        # checked is the one Hydra creates a moment later
+        run_dir = Path(str(config.hydra.run.dir)).absolute()
+        config = copy.deepcopy(config)
+        with read_write(config.hydra.runtime):
+            config.hydra.runtime.output_dir = str(run_dir)
+        HydraConfig.instance().set_config(config)
+        try:
+            check_config(config)
+        except LmlabError as err:
+            refuse("lmlab-train", err)
+        _check_writable(run_dir, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _check_writable(Path(str(config.hydra.sweep.dir)), "hydra.sweep.dir")
