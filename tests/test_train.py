@@ -191,3 +191,18 @@ def cfg_bpc_factor(cfg) -> float:
     dm = hydra.utils.instantiate(cfg.data)
     dm.setup("fit")
     return dm.bpc_factor
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line(monkeypatch, capsys):
+    """Ctrl-C while the corpus is tokenized (before the loop's own handler is installed)."""
+    import lmlab.train as train_module
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_hydra_main", interrupted)
+    monkeypatch.setattr("sys.argv", ["lmlab-train"])
+    with pytest.raises(SystemExit) as stopped:
+        train_module.main()
+    assert stopped.value.code == 130  # 128 + SIGINT, as a shell reports it
+    assert capsys.readouterr().err == "lmlab-train: interrupted (Ctrl-C)\n"
