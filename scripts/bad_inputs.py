@@ -2,23 +2,33 @@
 
     python scripts/bad_inputs.py > docs/errors-table.md
 
-Each row is one command a user could type: what was wrong, the last line of its stderr (the
-one message), its exit status, and whether it stayed clean (exit status 1, no Python
-traceback, and `lmlab-...: error:` as the last line). Inputs are made in a temporary
-directory, shown as `$TMP`; training runs are a few steps on the CPU. Exits 1 if a row is not
-clean, so CI can run it. Needs the corpora in $LMLAB_DATA_DIR and a tiktoken cache in
-$TIKTOKEN_CACHE_DIR for the BPE row's contrast (the row itself empties the cache).
+    python scripts/bad_inputs.py --docs docs/errors.md   # rewrite the table in that page
+
+Each row is one command a user could type, with the message fragment and exit status it must
+give: what was wrong, the last line of its stderr (the one message), its exit status, and
+whether it stayed clean (the expected exit status and fragment, no Python traceback, and for a
+refusal `lmlab-...: error:` as the last line). A few rows are not refusals (exit 0) and check
+stdout instead. tests/test_bad_inputs_table.py runs the same table, so the docs cannot drift
+from the tests. Inputs are made in a temporary directory, shown as `$TMP`; training runs are a
+few steps on the CPU. Exits 1 if a row is not clean, so CI can run it. Needs the corpora in
+$LMLAB_DATA_DIR and a tiktoken cache in $TIKTOKEN_CACHE_DIR for the BPE row's contrast (the row
+itself empties the cache).
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import itertools
 import os
 import pickle
+import re
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,29 +36,61 @@ import torch
 
 TINY = ["trainer.accelerator=cpu", "trainer.max_steps=5", "trainer.enable_progress_bar=false"]
 TINY_GPT = ["model=gpt", "model.n_layer=1", "model.n_head=2", "model.n_embd=16"]
+MODULES = {
+    "lmlab-train": "lmlab.train",
+    "lmlab-sample": "lmlab.sample",
+    "lmlab-eval": "lmlab.evaluate",
+    "lmlab-compare": "lmlab.runs.compare",
+}
+TABLE_HEADER = "| input | command | message (last line of stderr) | exit | clean |"
 
 
 @dataclass
 class Row:
-    what: str
-    command: str  # the CLI, lmlab-train or lmlab-sample
+    what: str  # the input, in a few words (also the test id)
+    command: str  # the CLI: lmlab-train, lmlab-sample, lmlab-eval or lmlab-compare
     args: list[str]
     env: dict[str, str] | None = None
+    expect: str = ""  # a fragment of the message (stderr; stdout when `stream` says so)
+    status: int = 1  # the exit status: 1 for a refusal
+    stream: str = "stderr"  # where `expect` is looked for; "stdout" for rows that are no refusal
+    skip: str | None = None  # why this row cannot run here (then it is not run)
+    xfail: str | None = None  # why this row is known not to be clean yet (a bug in src/)
 
 
 @dataclass
 class Result:
     row: Row
     returncode: int
-    last_line: str
-    traceback: bool
+    stdout: str
+    stderr: str
+
+    @property
+    def last_line(self) -> str:
+        lines = self.stderr.strip().splitlines()
+        return lines[-1] if lines else ""
+
+    @property
+    def traceback(self) -> bool:
+        return "Traceback" in self.stderr
+
+    @property
+    def message(self) -> str:
+        """What the row is about: the last stderr line, or the stdout line with the fragment."""
+        if self.row.stream == "stdout":
+            hits = [line for line in self.stdout.splitlines() if self.row.expect in line]
+            return "stdout: " + " ".join((hits[0] if hits else "").split())
+        return self.last_line
 
     @property
     def clean(self) -> bool:
+        text = self.stdout if self.row.stream == "stdout" else self.stderr
+        error_line = self.last_line.startswith(f"{self.row.command}: error: ")
         return (
-            self.returncode == 1
+            self.returncode == self.row.status
             and not self.traceback
-            and self.last_line.startswith(f"{self.row.command}: error: ")
+            and self.row.expect in text
+            and (error_line or self.row.status == 0)
         )
 
 
@@ -57,17 +99,28 @@ def cli(command: str) -> list[str]:
     found = shutil.which(command)
     if found:
         return [found]
-    module = {"lmlab-train": "lmlab.train", "lmlab-sample": "lmlab.sample"}[command]
-    return [sys.executable, "-m", module]
+    return [sys.executable, "-m", MODULES[command]]
 
 
 def run(row: Row, cwd: Path) -> Result:
     env = {**os.environ, **(row.env or {})}
+    env.pop("COLUMNS", None)  # lmlab-compare's table is 200 wide when piped: one line a run
     proc = subprocess.run(
         cli(row.command) + row.args, cwd=cwd, env=env, capture_output=True, text=True
     )
-    lines = proc.stderr.strip().splitlines()
-    return Result(row, proc.returncode, lines[-1] if lines else "", "Traceback" in proc.stderr)
+    return Result(row, proc.returncode, proc.stdout, proc.stderr)
+
+
+def run_all(rows: list[Row], cwd: Path, workers: int = 2, log: bool = False) -> list[Result]:
+    """Every row that is not skipped, `workers` at a time, in the table's order."""
+
+    def one(row: Row) -> Result:
+        if log:
+            print(f"running: {row.what}", file=sys.stderr)
+        return run(row, cwd)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, [row for row in rows if not row.skip]))
 
 
 class RunsCode:
@@ -81,7 +134,8 @@ class RunsCode:
 
 
 def make_inputs(tmp: Path) -> tuple[list[Row], Path]:
-    """The bad inputs (files in `tmp`) and the marker that crafted pickles would create."""
+    """Make the bad inputs (files in `tmp`); the rows, and the marker crafted pickles would
+    create."""
     marker = tmp / "pickle-ran-code"
     (tmp / "empty.txt").write_text("")
     (tmp / "short.txt").write_text("To be, or not to be, that is the question:\n" * 3)
@@ -90,8 +144,12 @@ def make_inputs(tmp: Path) -> tuple[list[Row], Path]:
         "id\ttext\tlabel\n" + "".join(f"{i}\tgood film number {i}\t1\n" for i in range(300))
     )
     (tmp / "empty_tiktoken_cache").mkdir()
+    (tmp / "a_directory").mkdir()
+    os.mkfifo(tmp / "a_fifo")
+    (tmp / "compare_list_json" / "run1").mkdir(parents=True)
+    (tmp / "compare_list_json" / "run1" / "metrics.json").write_text("[1, 2, 3]\n")
 
-    # a real char checkpoint: a few steps of the bigram on Shakespeare
+    # a real char checkpoint: a few steps of the bigram on Shakespeare (all sample/eval rows)
     good_run = tmp / "good_run"
     subprocess.run(
         cli("lmlab-train") + [*TINY, f"hydra.run.dir={good_run}"],
@@ -107,100 +165,381 @@ def make_inputs(tmp: Path) -> tuple[list[Row], Path]:
         pickle.dump({"state_dict": {}, "hyper_parameters": RunsCode(marker)}, f)
     torch.save({"state_dict": {}, "hyper_parameters": RunsCode(marker)}, tmp / "crafted.ckpt")
 
+    # the real checkpoint with one thing in its hyper_parameters wrong
+    good = torch.load(ckpt, map_location="cpu", weights_only=False)
+
+    def crafted(name: str, change) -> None:
+        checkpoint = copy.deepcopy(good)
+        change(checkpoint["hyper_parameters"])
+        torch.save(checkpoint, tmp / name)
+
+    def n_head_string(hp: dict) -> None:
+        hp["model_name"] = "gpt"
+        hp["model_hparams"] = {
+            "block_size": 8,
+            "vocab_size": 65,
+            "n_layer": 1,
+            "n_head": "2",
+            "n_embd": 16,
+        }
+
+    crafted("n_head_string.ckpt", n_head_string)
+    crafted("no_chars.ckpt", lambda hp: hp["tokenizer_state"].pop("chars"))
+    crafted("huge_vocab.ckpt", lambda hp: hp["model_hparams"].update(vocab_size=100_000_000_000))
+    return table(tmp), marker
+
+
+def table(tmp: Path) -> list[Row]:
+    """The rows, for inputs made in `tmp` by make_inputs (this makes nothing)."""
+    ckpt = tmp / "good_run" / "checkpoints" / "last.ckpt"
     run_ids = itertools.count()
 
-    def train(what: str, *args: str, env: dict[str, str] | None = None) -> Row:
+    def train(what: str, *args: str, expect: str, env: dict[str, str] | None = None) -> Row:
         run_dir = f"hydra.run.dir={tmp}/runs/{next(run_ids)}"
-        return Row(what, "lmlab-train", [*TINY, run_dir, *args], env)
+        return Row(what, "lmlab-train", [*TINY, run_dir, *args], env, expect)
 
+    def sample(what: str, *args: str, expect: str) -> Row:
+        return Row(what, "lmlab-sample", [*args, "max_new_tokens=20"], expect=expect)
+
+    def evaluate(what: str, *args: str, expect: str) -> Row:
+        return Row(what, "lmlab-eval", list(args), expect=expect)
+
+    def compare(what: str, *args: str, expect: str, **kw) -> Row:
+        return Row(what, "lmlab-compare", list(args), expect=expect, **kw)
+
+    not_ckpt = "is not a usable lmlab checkpoint"
     rows: list[Row] = []
     rows += [
-        train("missing corpus file", "data.path=/nonexistent.txt"),
-        train("empty corpus file", f"data.path={tmp}/empty.txt"),
+        train(
+            "missing corpus file",
+            "data.path=/nonexistent.txt",
+            expect="corpus file not found: /nonexistent.txt",
+        ),
+        train("empty corpus file", f"data.path={tmp}/empty.txt", expect="has no text"),
         train(  # three lines: validation is the last line (43 characters), under 64 + 1
             "validation part shorter than one block",
             f"data.path={tmp}/short.txt",
             "data.block_size=64",
+            expect="fewer than one block of 64 + 1",
         ),
-        train("bytes that are not UTF-8", f"data.path={tmp}/latin1.txt"),
+        train(
+            "bytes that are not UTF-8",
+            f"data.path={tmp}/latin1.txt",
+            expect="is not valid UTF-8",
+        ),
         train(
             "TSV without the named column",
             f"data.path={tmp}/reviews.tsv",
             "data.text_field=document",
+            expect="has no column 'document'",
         ),
-        train("train_fraction outside (0, 1)", "data.train_fraction=1.5"),
+        train(
+            "train_fraction outside (0, 1)",
+            "data.train_fraction=1.5",
+            expect="data.train_fraction must be between 0 and 1",
+        ),
         train(
             "block_size larger than the model takes",
             *TINY_GPT,
             "model.block_size=32",
             "data.block_size=64",
+            expect="is longer than model.block_size (32)",
         ),
-        train("n_embd not divisible by n_head", "model=gpt", "model.n_embd=100", "model.n_head=3"),
+        train(
+            "n_embd not divisible by n_head",
+            "model=gpt",
+            "model.n_embd=100",
+            "model.n_head=3",
+            expect="must be divisible by model.n_head (3)",
+        ),
     ]
-    sample = [
-        ("prompt outside the vocabulary", [f"ckpt_path={ckpt}", "prompt=€λ"]),
-        ("sample: checkpoint does not exist", [f"ckpt_path={tmp}/nope.ckpt"]),
-        ("sample: truncated checkpoint", [f"ckpt_path={truncated}"]),
-        ("sample: not a checkpoint (text file)", [f"ckpt_path={tmp}/notes.ckpt"]),
-        ("sample: crafted pickle (bare)", [f"ckpt_path={tmp}/bare_pickle.ckpt"]),
-        ("sample: crafted pickle (torch.save zip)", [f"ckpt_path={tmp}/crafted.ckpt"]),
-    ]
-    rows += [Row(what, "lmlab-sample", [*args, "max_new_tokens=20"]) for what, args in sample]
     rows += [
-        train("train: checkpoint does not exist", f"ckpt_path={tmp}/nope.ckpt"),
-        train("train: truncated checkpoint", f"ckpt_path={truncated}"),
-        train("train: not a checkpoint (text file)", f"ckpt_path={tmp}/notes.ckpt"),
-        train("train: crafted pickle (torch.save zip)", f"ckpt_path={tmp}/crafted.ckpt"),
-        train("resume on another corpus (names)", f"ckpt_path={ckpt}", "data=names"),
+        sample(
+            "prompt outside the vocabulary",
+            f"ckpt_path={ckpt}",
+            "prompt=€λ",
+            expect="not in the checkpoint's vocabulary",
+        ),
+        sample(
+            "sample: checkpoint does not exist",
+            f"ckpt_path={tmp}/nope.ckpt",
+            expect="checkpoint not found",
+        ),
+        sample(
+            "sample: truncated checkpoint", f"ckpt_path={tmp}/truncated.ckpt", expect="truncated"
+        ),
+        sample(
+            "sample: not a checkpoint (text file)",
+            f"ckpt_path={tmp}/notes.ckpt",
+            expect="is not a checkpoint",
+        ),
+        sample(
+            "sample: crafted pickle (bare)",
+            f"ckpt_path={tmp}/bare_pickle.ckpt",
+            expect="was refused and not unpickled",
+        ),
+        sample(
+            "sample: crafted pickle (torch.save zip)",
+            f"ckpt_path={tmp}/crafted.ckpt",
+            expect="was refused and not loaded",
+        ),
+    ]
+    rows += [
+        train(
+            "train: checkpoint does not exist",
+            f"ckpt_path={tmp}/nope.ckpt",
+            expect="checkpoint not found",
+        ),
+        train("train: truncated checkpoint", f"ckpt_path={tmp}/truncated.ckpt", expect="truncated"),
+        train(
+            "train: not a checkpoint (text file)",
+            f"ckpt_path={tmp}/notes.ckpt",
+            expect="is not a checkpoint",
+        ),
+        train(
+            "train: crafted pickle (torch.save zip)",
+            f"ckpt_path={tmp}/crafted.ckpt",
+            expect="was refused and not loaded",
+        ),
+        train(
+            "resume on another corpus (names)",
+            f"ckpt_path={ckpt}",
+            "trainer.max_steps=10",  # past the checkpoint's step 5, or that is refused first
+            "data=names",
+            expect="it was trained with another tokenizer",
+        ),
         train(
             "resume on other tokens, same tokenizer",
             f"ckpt_path={ckpt}",
+            "trainer.max_steps=10",
             "data.train_fraction=0.8",  # the same characters, another training split
+            expect="it was trained on another corpus",
         ),
         train(
             "BPE encoding not loadable offline",
             "data=shakespeare_bpe",
             env={"TIKTOKEN_CACHE_DIR": str(tmp / "empty_tiktoken_cache")},
+            expect="cannot load the tiktoken encoding",
         ),
     ]
-    return rows, marker
+
+    def setting(key: str, value: str, expect: str = "is not allowed") -> Row:
+        return train(f"{key}={value}", f"{key}={value}", expect=f"{key}{expect}")
+
+    rows += [
+        setting("model.optimizer.lr", "-0.01", "=-0.01 is not allowed"),
+        setting("model.optimizer.betas", "[1.5,0.9]", "=[1.5, 0.9] is not allowed"),
+        setting("data.val_batch_size", "-1", "=-1 is not allowed"),
+        setting("trainer.val_check_interval", "0", "=0 is not allowed"),
+        setting("data.batch_size", "1.5", "=1.5 is not allowed"),
+        setting("data.encoding_errors", "bogus", "='bogus' is not allowed"),
+        setting(
+            "data.encoding_errors",
+            "surrogateescape",
+            "='surrogateescape' is not allowed: it decodes bad bytes to lone surrogates",
+        ),
+        setting("data.normalize", "bogus", "='bogus' is not allowed"),
+        train(
+            "misspelt data key (+data.blok_size=8)",
+            "+data.blok_size=8",
+            expect="did you mean data.block_size?",
+        ),
+        setting("data.block_size", "abc", "='abc' is not allowed"),
+        setting("data.stride", "0", "=0 is not allowed"),
+        Row(
+            "trainer=gpu without a CUDA GPU",
+            "lmlab-train",
+            [*TINY[1:], f"hydra.run.dir={tmp}/runs/{next(run_ids)}", "trainer=gpu"],
+            expect="trainer.accelerator=gpu but this machine has no CUDA GPU",
+            skip="this machine has a CUDA GPU" if torch.cuda.is_available() else None,
+        ),
+        setting("trainer.max_steps", "0", "=0 trains nothing"),
+        train(
+            "unexpanded ${HOME} in data.path",
+            "data.path=${HOME}/x.txt",  # one argv element: no shell expands it
+            expect="${HOME} is not a config key",
+        ),
+        train(
+            "data.path is a directory",
+            f"data.path={tmp}/a_directory",
+            expect="is a directory; give data.path=FILE",
+        ),
+        train(
+            "data.path is a FIFO",
+            f"data.path={tmp}/a_fifo",
+            expect="is not a regular file (a FIFO or device)",
+        ),
+        train(
+            "train: file:// checkpoint URL that does not exist",
+            f"ckpt_path=file://{tmp}/missing.ckpt",
+            expect=f"checkpoint not found: {tmp}/missing.ckpt",
+        ),
+        train(
+            "resume with max_steps at or below the checkpoint's step",
+            f"ckpt_path={ckpt}",
+            "trainer.max_steps=3",
+            expect="it is at step 5 and trainer.max_steps=3, so there is nothing to train",
+        ),
+        setting("data.quoting", "bogus", "='bogus' is not allowed"),
+        train(
+            "data.examples=bogus",
+            "data.examples=bogus",
+            expect="data.examples must be one of ('random', 'sliding', 'documents'), got 'bogus'",
+        ),
+        train(
+            "data.sampling disagrees with data.examples",
+            "data.sampling=sliding",
+            "data.examples=random",
+            expect="data.examples=random and data.sampling=sliding disagree",
+        ),
+    ]
+    rows += [
+        sample(
+            "sample: temperature=nan",
+            f"ckpt_path={ckpt}",
+            "temperature=nan",
+            expect="temperature must be 0 (greedy) or more, got nan",
+        ),
+        Row(
+            "sample: max_new_tokens=1.5",
+            "lmlab-sample",
+            [f"ckpt_path={ckpt}", "max_new_tokens=1.5"],
+            expect="max_new_tokens must be a whole number, got '1.5'",
+        ),
+        sample(
+            "sample: top_k=1.5",
+            f"ckpt_path={ckpt}",
+            "top_k=1.5",
+            expect="top_k must be a whole number, got '1.5'",
+        ),
+        sample("sample: top_p=2", f"ckpt_path={ckpt}", "top_p=2", expect="top_p must be in (0, 1]"),
+        sample(
+            "sample: misspelt key (tempreature)",
+            f"ckpt_path={ckpt}",
+            "tempreature=0.5",
+            expect="unknown argument 'tempreature=0.5'",
+        ),
+        sample(
+            "sample: checkpoint with n_head as a string",
+            f"ckpt_path={tmp}/n_head_string.ckpt",
+            expect=f"{not_ckpt}: model_hparams.n_head is '2', not a whole number",
+        ),
+        sample(
+            "sample: checkpoint whose tokenizer lacks its characters",
+            f"ckpt_path={tmp}/no_chars.ckpt",
+            expect=f"{not_ckpt}: tokenizer_state.chars is not a list",
+        ),
+        sample(
+            "sample: checkpoint with vocab_size 1e11",
+            f"ckpt_path={tmp}/huge_vocab.ckpt",
+            expect=f"{not_ckpt}: model_hparams.vocab_size is 100000000000",
+        ),
+    ]
+    rows += [
+        evaluate(
+            "eval: split=train",
+            f"ckpt_path={ckpt}",
+            "split=train",
+            expect="split must be val or test, got 'train'",
+        ),
+        evaluate(
+            "eval: unknown key",
+            f"ckpt_path={ckpt}",
+            "bogus_key=1",
+            expect="unknown argument 'bogus_key=1'",
+        ),
+        evaluate(
+            "eval: batch_size=0",
+            f"ckpt_path={ckpt}",
+            "batch_size=0",
+            expect="batch_size must be a positive whole number, got '0'",
+        ),
+        evaluate(
+            "eval: no ckpt_path",
+            "split=val",
+            expect="give the checkpoint to score: lmlab-eval ckpt_path=PATH",
+        ),
+    ]
+    rows += [
+        compare(  # not a refusal: the run is listed, with its error
+            "compare: metrics.json not a JSON object",
+            f"{tmp}/compare_list_json",
+            expect="metrics.json is not a JSON object",
+            status=0,
+            stream="stdout",
+        ),
+        compare(
+            "compare: --csv is a directory",
+            f"{tmp}/compare_list_json",
+            "--csv",
+            f"{tmp}/a_directory",
+            expect="is a directory; give a file name",
+        ),
+        compare(
+            "compare: directory does not exist",
+            f"{tmp}/no_such_dir",
+            expect="does not exist; pass a run directory or a sweep/log folder",
+        ),
+    ]
+    return rows
 
 
 def markdown(results: list[Result], tmp: Path) -> str:
     def cell(text: str) -> str:
         return text.replace(str(tmp), "$TMP").replace("|", "\\|")
 
-    lines = [
-        "| input | command | stderr (last line) | exit | clean |",
-        "| --- | --- | --- | --- | --- |",
-    ]
+    lines = [TABLE_HEADER, "| --- | --- | --- | --- | --- |"]
     for r in results:
-        args = " ".join(a for a in r.row.args if a not in TINY and not a.startswith("hydra.run"))
+        args = " ".join(
+            shlex.quote(a) for a in r.row.args if a not in TINY and not a.startswith("hydra.run")
+        )
         env = " ".join(f"{k}={v}" for k, v in (r.row.env or {}).items())
         command = f"{env} {r.row.command} {args}".strip()
         flag = "yes" if r.clean else ("no: traceback" if r.traceback else "no")
+        if r.row.xfail:
+            flag += f" (known: {r.row.xfail})"
         lines.append(
-            f"| {r.row.what} | `{cell(command)}` | {cell(r.last_line)} | {r.returncode} | {flag} |"
+            f"| {cell(r.row.what)} | `{cell(command)}` | {cell(r.message)} | {r.returncode} "
+            f"| {flag} |"
         )
     return "\n".join(lines)
 
 
+def summary(results: list[Result]) -> str:
+    return f"{sum(r.clean for r in results)} of {len(results)} rows clean; no pickle ran code."
+
+
+def write_docs(page: Path, text: str, count: int) -> None:
+    """Replace the table and its summary line in `page` (the rest of the page is kept) and the
+    count in "N bad inputs"."""
+    old = page.read_text()
+    start = old.index("| input | command |")
+    end = old.index(" no pickle ran code.", start) + len(" no pickle ran code.")
+    new = old[:start] + text + old[end:]
+    new = re.sub(r"\b\d+ bad inputs\b", f"{count} bad inputs", new)
+    page.write_text(new)
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs", type=Path, help="rewrite the table in this page as well")
+    parser.add_argument("--workers", type=int, default=2, help="rows run at a time (default 2)")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lmlab-bad-inputs-") as name:
         tmp = Path(name)
         rows, marker = make_inputs(tmp)
-        results = []
-        for row in rows:
-            print(f"running: {row.what}", file=sys.stderr)
-            results.append(run(row, tmp))
-        print(markdown(results, tmp))
-        if marker.exists():
+        results = run_all(rows, tmp, workers=args.workers, log=True)
+        ran_code = marker.exists()
+        text = markdown(results, tmp)
+        if not ran_code:
+            text += "\n\n" + summary(results)
+        print(text)
+        if ran_code:
             print("\nA crafted pickle ran its code: the marker file was created.")
             return 1
-        print(
-            f"\n{sum(r.clean for r in results)} of {len(results)} rows clean; no pickle ran code."
-        )
-    return 0 if all(r.clean for r in results) else 1
+        if args.docs:
+            write_docs(args.docs, text, len(results))
+    return 0 if all(r.clean or r.row.xfail for r in results) else 1
 
 
 if __name__ == "__main__":
