@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import json
 import os
 import pickle
 import re
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 
 TINY = ["trainer.accelerator=cpu", "trainer.max_steps=5", "trainer.enable_progress_bar=false"]
+LITERAL_PROMPT = '"${oc.env:HOME}" said "hi", ok='
 TINY_GPT = ["model=gpt", "model.n_layer=1", "model.n_head=2", "model.n_embd=16"]
 MODULES = {
     "lmlab-train": "lmlab.train",
@@ -149,6 +151,22 @@ def make_inputs(tmp: Path) -> tuple[list[Row], Path]:
     (tmp / "compare_list_json" / "run1").mkdir(parents=True)
     (tmp / "compare_list_json" / "run1" / "metrics.json").write_text("[1, 2, 3]\n")
 
+    # a seed group whose second run diverged: NaN val/loss (lmlab-compare leaves it out)
+    for seed, loss in ((1, 1.5), (2, float("nan")), (3, 1.7)):
+        run = tmp / "compare_nan" / f"seed{seed}"
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(f"- model=gpt\n- seed={seed}\n")
+        metrics = {"status": "completed", "val/loss": loss, "val/bpc": loss / 0.693, "steps": 20}
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    # a corpus holding every character of the literal-prompt row's prompt
+    (tmp / "quotes.txt").write_text(f"{LITERAL_PROMPT} So she said.\n" * 400)
+    subprocess.run(
+        cli("lmlab-train") + [*TINY, f"data.path={tmp}/quotes.txt", f"hydra.run.dir={tmp}/quotes"],
+        cwd=tmp,
+        capture_output=True,
+        check=True,
+    )
+
     # a real char checkpoint: a few steps of the bigram on Shakespeare (all sample/eval rows)
     good_run = tmp / "good_run"
     subprocess.run(
@@ -208,7 +226,23 @@ def table(tmp: Path) -> list[Row]:
         return Row(what, "lmlab-compare", list(args), expect=expect, **kw)
 
     not_ckpt = "is not a usable lmlab checkpoint"
-    rows: list[Row] = []
+    rows: list[Row] = [
+        Row(  # not a refusal: the prompt reaches the tokenizer byte for byte, nothing resolved
+            "sample: a prompt with ${...}, quotes, commas and =",
+            "lmlab-sample",
+            [f"ckpt_path={tmp}/quotes/checkpoints/last.ckpt", f"prompt={LITERAL_PROMPT}"]
+            + ["max_new_tokens=5"],
+            expect=LITERAL_PROMPT,
+            status=0,
+            stream="stdout",
+        ),
+        Row(
+            "run directory under a file",
+            "lmlab-train",
+            [*TINY, f"paths.log_dir={tmp}/notes.ckpt"],
+            expect="cannot write the run directory",
+        ),
+    ]
     rows += [
         train(
             "missing corpus file",
@@ -474,6 +508,13 @@ def table(tmp: Path) -> list[Row]:
             "--csv",
             f"{tmp}/a_directory",
             expect="is a directory; give a file name",
+        ),
+        compare(  # not a refusal: the group's mean leaves the NaN run out, and says so
+            "compare: NaN val/loss in a seed group",
+            f"{tmp}/compare_nan",
+            expect="not finite in 1 of 3 runs",
+            status=0,
+            stream="stdout",
         ),
         compare(
             "compare: directory does not exist",
