@@ -183,7 +183,7 @@ def _check_interpolations(cfg: DictConfig) -> None:
             except MissingMandatoryValue:
                 raise LmlabError(f"{key} has no value (???); set it, e.g. {key}=VALUE") from None
             except (InterpolationResolutionError, GrammarParseError) as err:
-                raw = node._get_node(k)._value()  # the text as written, uninterpolated
+                raw = OmegaConf.to_container(node, resolve=False)[k]  # the text as written
                 raise LmlabError(_interpolation_message(key, raw, err)) from None
             if isinstance(value, (DictConfig, ListConfig)):
                 walk(value, key)
