@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import itertools
 import json
 import os
@@ -26,14 +27,20 @@ import pickle
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from lmlab.atomic_write import host_name
 
 TINY = ["trainer.accelerator=cpu", "trainer.max_steps=5", "trainer.enable_progress_bar=false"]
 LITERAL_PROMPT = '"${oc.env:HOME}" said "hi", ok='
@@ -58,6 +65,21 @@ class Row:
     stream: str = "stderr"  # where `expect` is looked for; "stdout" for rows that are no refusal
     skip: str | None = None  # why this row cannot run here (then it is not run)
     xfail: str | None = None  # why this row is known not to be clean yet (a bug in src/)
+    # A fault row makes its fault before the command (returns why it cannot, or None), may
+    # send the command a signal (`interrupt`), checks what is left afterwards (returns what
+    # is wrong, or None) and undoes what `prepare` made (a mount).
+    prepare: Callable[[], str | None] | None = None
+    interrupt: Interrupt | None = None
+    check: Callable[[], str | None] | None = None
+    finish: Callable[[], None] | None = None
+
+
+@dataclass
+class Interrupt:
+    """Send `signum` to the command once `ready()` holds (polled every 10 ms)."""
+
+    signum: signal.Signals
+    ready: Callable[[], bool]
 
 
 @dataclass
@@ -66,6 +88,8 @@ class Result:
     returncode: int
     stdout: str
     stderr: str
+    check_failed: str | None = None  # what a fault row found wrong afterwards
+    not_run: str | None = None  # why a fault row's fault could not be made here
 
     @property
     def last_line(self) -> str:
@@ -78,21 +102,35 @@ class Result:
 
     @property
     def message(self) -> str:
-        """What the row is about: the last stderr line, or the stdout line with the fragment."""
-        if self.row.stream == "stdout":
-            hits = [line for line in self.stdout.splitlines() if self.row.expect in line]
-            return "stdout: " + " ".join((hits[0] if hits else "").split())
+        """What the row is about: the last stderr line or, for a row that is no refusal, the
+        line with the fragment."""
+        if self.not_run:
+            return f"not run here: {self.not_run}"
+        if self.row.status == 0:
+            text = self.stdout if self.row.stream == "stdout" else self.stderr
+            hits = [line for line in text.splitlines() if self.row.expect in line]
+            line = " ".join((hits[0] if hits else "").split())
+            line = re.sub(r"^\[[^]]*\]\[[^]]*\]\[INFO\] - ", "", line)  # a log line's time
+            return f"stdout: {line}" if self.row.stream == "stdout" else line
         return self.last_line
+
+    @property
+    def message_line(self) -> bool:
+        """A refusal ends on `prog: error: ...`; a signal's end on `prog: ...`."""
+        if self.row.status == 0:
+            return True
+        prefix = "error: " if self.row.status == 1 else ""
+        return self.last_line.startswith(f"{self.row.command}: {prefix}")
 
     @property
     def clean(self) -> bool:
         text = self.stdout if self.row.stream == "stdout" else self.stderr
-        error_line = self.last_line.startswith(f"{self.row.command}: error: ")
         return (
             self.returncode == self.row.status
+            and not self.check_failed
             and not self.traceback
             and self.row.expect in text
-            and (error_line or self.row.status == 0)
+            and self.message_line
         )
 
 
@@ -105,12 +143,32 @@ def cli(command: str) -> list[str]:
 
 
 def run(row: Row, cwd: Path) -> Result:
-    env = {**os.environ, **(row.env or {})}
-    env.pop("COLUMNS", None)  # lmlab-compare's table is 200 wide when piped: one line a run
-    proc = subprocess.run(
-        cli(row.command) + row.args, cwd=cwd, env=env, capture_output=True, text=True
-    )
-    return Result(row, proc.returncode, proc.stdout, proc.stderr)
+    if row.prepare and (why := row.prepare()):
+        return Result(row, -1, "", "", not_run=why)
+    try:
+        env = {**os.environ, **(row.env or {})}
+        env.pop("COLUMNS", None)  # lmlab-compare's table is 200 wide when piped: one line a run
+        proc = subprocess.Popen(
+            cli(row.command) + row.args,
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        if row.interrupt:
+            while proc.poll() is None and not row.interrupt.ready():
+                time.sleep(0.01)
+            if proc.poll() is None:
+                proc.send_signal(row.interrupt.signum)
+        stdout, stderr = proc.communicate()
+        result = Result(row, proc.returncode, stdout, stderr)
+        if row.check:
+            result.check_failed = row.check()
+        return result
+    finally:
+        if row.finish:
+            row.finish()
 
 
 def run_all(rows: list[Row], cwd: Path, workers: int = 2, log: bool = False) -> list[Result]:
@@ -522,7 +580,203 @@ def table(tmp: Path) -> list[Row]:
             expect="does not exist; pass a run directory or a sweep/log folder",
         ),
     ]
-    return rows
+    return rows + fault_rows(tmp)
+
+
+def fault_rows(tmp: Path) -> list[Row]:
+    """Faults around a run rather than bad input: full and read-only disks (tmpfs mounts,
+    so root only), and signals while tokenizing. Each checks what is left afterwards."""
+    root = None if os.geteuid() == 0 else "needs root, to mount a tmpfs"
+    huge = tmp / "huge.txt"  # about 100 MB: tokenizing takes about a second, time to interrupt
+    quick = [*TINY, "trainer.limit_val_batches=2", f"data.path={huge}"]
+    gpt = ["model=gpt", "model.n_layer=2", "model.n_head=2", "model.n_embd=64"]
+    gpt += ["data.block_size=32", "trainer.val_check_interval=10"]
+    full_ckpt = tmp / "full_ckpt"
+    last = full_ckpt / "run" / "checkpoints" / "last.ckpt"
+    before: dict[str, str] = {}
+
+    def mount(where: Path, *options: str, fill: bool = False) -> str | None:
+        where.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", where])
+        if done.returncode != 0:
+            return f"mount -t tmpfs failed (exit {done.returncode})"
+        if fill:
+            _fill(where)
+        return None
+
+    def umount(where: Path) -> Callable[[], None]:
+        def finish() -> None:
+            subprocess.run(["umount", "-l", where], capture_output=True)
+
+        return finish
+
+    def empty(where: Path, but: str = "") -> Callable[[], str | None]:
+        def check() -> str | None:
+            left = [p.name for p in where.rglob("*") if p.name != but]
+            return f"left behind: {left}" if left else None
+
+        return check
+
+    def full_before_save() -> str | None:
+        if why := mount(full_ckpt, "size=4m"):
+            return why
+        args = [*TINY[1:], *gpt, "trainer.max_steps=10", f"hydra.run.dir={full_ckpt}/run"]
+        subprocess.run(cli("lmlab-train") + args, cwd=tmp, capture_output=True, check=True)
+        before["sha"] = hashlib.sha256(last.read_bytes()).hexdigest()
+        _fill(full_ckpt, leave=200 << 10)
+        return None
+
+    def last_ckpt_kept() -> str | None:
+        if hashlib.sha256(last.read_bytes()).hexdigest() != before.get("sha"):
+            return "last.ckpt changed"
+        torch.load(last, weights_only=True)  # still loads
+        metrics = json.loads((full_ckpt / "run" / "metrics.json").read_text())
+        if metrics["status"] != "failed" or "no space left" not in metrics.get("error", ""):
+            return f"metrics.json says {metrics['status']}: {metrics.get('error')}"
+        return None
+
+    def temporaries(cache: Path) -> list[Path]:
+        return sorted(cache.rglob("*.tmp")) if cache.is_dir() else []
+
+    def no_temporaries(cache: Path) -> Callable[[], str | None]:
+        return lambda: f"left behind: {temporaries(cache)}" if temporaries(cache) else None
+
+    def killed_while_tokenizing(signum: signal.Signals, cache: Path) -> Callable[[], str | None]:
+        def prepare() -> str | None:
+            _write_huge_corpus(huge)
+            env = {**os.environ, "LMLAB_CACHE_DIR": str(cache)}
+            args = [*quick, f"hydra.run.dir={cache}-killed"]
+            quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+            proc = subprocess.Popen(cli("lmlab-train") + args, cwd=tmp, env=env, **quiet)
+            while proc.poll() is None and not temporaries(cache):
+                time.sleep(0.01)
+            proc.send_signal(signum)
+            proc.wait()
+            return None if temporaries(cache) else "the run finished tokenizing before the kill"
+
+        return prepare
+
+    def leftover_checkpoint_temporary() -> str | None:
+        """What a checkpoint save killed half-way leaves: a temporary file named after its
+        writer's host and pid (a pid that is gone), beside last.ckpt."""
+        run = tmp / "ckpt_leftover"
+        args = [*TINY, f"hydra.run.dir={run}"]
+        subprocess.run(cli("lmlab-train") + args, cwd=tmp, capture_output=True, check=True)
+        gone = _dead_pid()
+        (run / "checkpoints" / f".last.ckpt.{host_name()}.{gone}.abcd1234.tmp").write_bytes(
+            bytes(1 << 20)
+        )
+        return None
+
+    run_dir = f"hydra.run.dir={tmp}/ckpt_leftover"
+    int_cache, kill_cache, term_cache = (tmp / n for n in ("cache_int", "cache_kill", "cache_term"))
+    removed = "left by a run that did not finish"
+    return [
+        Row(
+            "run directory on a full disk",
+            "lmlab-train",
+            [*TINY, f"hydra.run.dir={tmp}/full_start/run"],
+            expect="(No space left on device)",
+            skip=root,
+            prepare=lambda: mount(tmp / "full_start", "size=1m", fill=True),
+            check=empty(tmp / "full_start", but="filler"),
+            finish=umount(tmp / "full_start"),
+        ),
+        Row(
+            "run directory on a read-only disk",
+            "lmlab-train",
+            [*TINY, f"hydra.run.dir={tmp}/read_only/run"],
+            expect="(Read-only file system)",
+            skip=root,
+            prepare=lambda: mount(tmp / "read_only", "ro", "size=1m"),
+            check=empty(tmp / "read_only"),
+            finish=umount(tmp / "read_only"),
+        ),
+        Row(
+            "disk full while a checkpoint is saved",
+            "lmlab-train",
+            [*TINY[1:], *gpt, "trainer.max_steps=20", f"hydra.run.dir={full_ckpt}/run"]
+            + [f"ckpt_path={last}"],
+            expect="no space left on device writing",
+            skip=root,
+            prepare=full_before_save,
+            check=last_ckpt_kept,
+            finish=umount(full_ckpt),
+        ),
+        Row(
+            "Ctrl-C while tokenizing",
+            "lmlab-train",
+            [*quick, f"hydra.run.dir={tmp}/interrupted"],
+            env={"LMLAB_CACHE_DIR": str(int_cache)},
+            expect="lmlab-train: interrupted (Ctrl-C)",
+            status=130,
+            prepare=lambda: _write_huge_corpus(huge),
+            interrupt=Interrupt(signal.SIGINT, lambda: bool(temporaries(int_cache))),
+            check=no_temporaries(int_cache),
+        ),
+        Row(  # not a refusal: the next run cleans up after the killed one
+            "SIGKILL while tokenizing: the next run removes the leftover",
+            "lmlab-train",
+            [*quick, f"hydra.run.dir={tmp}/after_kill"],
+            env={"LMLAB_CACHE_DIR": str(kill_cache)},
+            expect=removed,
+            status=0,
+            stream="stdout",
+            prepare=killed_while_tokenizing(signal.SIGKILL, kill_cache),
+            check=no_temporaries(kill_cache),
+        ),
+        Row(  # not a refusal: as SIGKILL
+            "SIGTERM while tokenizing: the next run removes the leftover",
+            "lmlab-train",
+            [*quick, f"hydra.run.dir={tmp}/after_term"],
+            env={"LMLAB_CACHE_DIR": str(term_cache)},
+            expect=removed,
+            status=0,
+            stream="stdout",
+            prepare=killed_while_tokenizing(signal.SIGTERM, term_cache),
+            check=no_temporaries(term_cache),
+        ),
+        Row(  # not a refusal: the resumed run removes the killed save's temporary file
+            "checkpoint save killed half-way: the next save removes the leftover",
+            "lmlab-train",
+            [*TINY[1:], "trainer.max_steps=10", run_dir]
+            + [f"ckpt_path={tmp}/ckpt_leftover/checkpoints/last.ckpt"],
+            expect=removed,
+            status=0,
+            stream="stdout",
+            prepare=leftover_checkpoint_temporary,
+            check=no_temporaries(tmp / "ckpt_leftover" / "checkpoints"),
+        ),
+    ]
+
+
+def _fill(where: Path, leave: int = 0) -> None:
+    """Fill the file system at `where`, leaving about `leave` bytes free."""
+    free = shutil.disk_usage(where).free - leave
+    with open(where / "filler", "wb") as f:
+        while free > 0:
+            try:
+                free -= f.write(bytes(min(free, 1 << 20)))
+                f.flush()
+            except OSError:
+                break
+
+
+def _write_huge_corpus(path: Path) -> None:
+    """Shakespeare, 90 times over (written once, whole, for whichever row needs it first)."""
+    if path.exists():
+        return
+    text = (Path(os.environ.get("LMLAB_DATA_DIR", "data")) / "tinyshakespeare.txt").read_bytes()
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}")
+    tmp.write_bytes(text * 90)
+    os.replace(tmp, path)
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has ended (and was this host's)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 def markdown(results: list[Result], tmp: Path) -> str:
@@ -531,12 +785,19 @@ def markdown(results: list[Result], tmp: Path) -> str:
 
     lines = [TABLE_HEADER, "| --- | --- | --- | --- | --- |"]
     for r in results:
+        # the run directory is left out, but for a fault row: it is where the fault is
         args = " ".join(
-            shlex.quote(a) for a in r.row.args if a not in TINY and not a.startswith("hydra.run")
+            shlex.quote(a)
+            for a in r.row.args
+            if a not in TINY and (r.row.prepare or not a.startswith("hydra.run"))
         )
         env = " ".join(f"{k}={v}" for k, v in (r.row.env or {}).items())
         command = f"{env} {r.row.command} {args}".strip()
         flag = "yes" if r.clean else ("no: traceback" if r.traceback else "no")
+        if r.check_failed:
+            flag = f"no: {r.check_failed}"
+        if r.not_run:
+            flag = "not run"
         if r.row.xfail:
             flag += f" (known: {r.row.xfail})"
         lines.append(
@@ -547,7 +808,8 @@ def markdown(results: list[Result], tmp: Path) -> str:
 
 
 def summary(results: list[Result]) -> str:
-    return f"{sum(r.clean for r in results)} of {len(results)} rows clean; no pickle ran code."
+    ran = [r for r in results if not r.not_run]
+    return f"{sum(r.clean for r in ran)} of {len(ran)} rows clean; no pickle ran code."
 
 
 def write_docs(page: Path, text: str, count: int) -> None:
@@ -580,7 +842,7 @@ def main() -> int:
             return 1
         if args.docs:
             write_docs(args.docs, text, len(results))
-    return 0 if all(r.clean or r.row.xfail for r in results) else 1
+    return 0 if all(r.clean or r.row.xfail or r.not_run for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from lmlab.errors import LmlabError
+
+log = logging.getLogger(__name__)
 
 NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 # torch.save reports a failed write as a RuntimeError from its zip writer, not as an OSError
@@ -72,6 +75,7 @@ def remove_stale_temporaries(path: Path) -> None:
             dead = match["host"] == host and not process_alive(int(match["pid"]))
             if (old or dead) and entry.is_file(follow_symlinks=False):
                 os.unlink(entry.path)
+                log.info("removed %s, left by a run that did not finish", entry.path)
         except OSError:
             pass  # removed by another writer meanwhile, or not ours to remove
 

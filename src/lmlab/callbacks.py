@@ -202,6 +202,12 @@ class SampleTextCallback(L.Callback):
         atomic_write_text(self.path, previous + block)
 
 
+# Set when Ctrl-C stopped fit() outside the training steps (setup, the sanity check, a second
+# Ctrl-C): Lightning then exits with status 1 itself, which lmlab-train turns into its
+# usual "interrupted" line and status 130.
+ctrl_c_in_fit = threading.Event()
+
+
 class CheckpointOnInterrupt(L.Callback):
     """SIGTERM (`kill`, a cluster's notice before the end of a job) or Ctrl-C: finish the
     current step, save `last.ckpt`, stop. `lmlab-train ckpt_path=<that file>` continues.
@@ -248,6 +254,8 @@ class CheckpointOnInterrupt(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore_handler()
+        if isinstance(exception, KeyboardInterrupt):
+            ctrl_c_in_fit.set()
         if not isinstance(exception, SIGTERMException):
             return
         trainer.save_checkpoint(self.path)  # every process takes part; rank zero writes

@@ -7,7 +7,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -272,6 +272,11 @@ def _figures(metrics: dict[str, Any], part: str) -> str:
     return ", ".join(f"{name} {metrics[name]:.4f}" for name in names)
 
 
+def _interrupted() -> NoReturn:
+    print("lmlab-train: interrupted (Ctrl-C)", file=sys.stderr)
+    sys.exit(130)  # 128 + SIGINT, as a shell reports it
+
+
 def main() -> None:
     if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
         from lmlab.cli import train_help
@@ -281,8 +286,12 @@ def main() -> None:
     try:
         _hydra_main()
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (while tokenizing, say)
-        print("lmlab-train: interrupted (Ctrl-C)", file=sys.stderr)
-        sys.exit(130)  # 128 + SIGINT, as a shell reports it
+        _interrupted()
+    except SystemExit:
+        callbacks = sys.modules.get("lmlab.callbacks")  # imported once a run was built
+        if callbacks is not None and callbacks.ctrl_c_in_fit.is_set():
+            _interrupted()  # Lightning's own exit after Ctrl-C in fit(), outside the steps
+        raise
     report = last_sweep_report()  # set by the SweepStatus callback after `-m`
     if report is not None and report.failed:
         sys.exit(1)

@@ -5,6 +5,7 @@ the jobs (in this process, in joblib workers, or on SLURM nodes sharing the file
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -180,6 +181,8 @@ class RunDirectoryCheck(Callback):
 
 
 def _check_writable(directory: Path, key: str) -> None:
+    # the directories this check makes, removed again on refusal: nothing is left behind
+    created = [p for p in (directory, *directory.parents) if not p.exists()]
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory) as probe:  # a full disk fails on data, too
@@ -187,6 +190,9 @@ def _check_writable(directory: Path, key: str) -> None:
             probe.flush()
             os.fsync(probe.fileno())
     except OSError as err:
+        for made in created:  # innermost first
+            with contextlib.suppress(OSError):
+                made.rmdir()
         print(
             f"lmlab-train: error: cannot write the run directory {directory} ({err.strerror}); "
             f"free some space there, or give a writable place with {key}=DIR or paths.log_dir=DIR",
