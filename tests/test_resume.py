@@ -83,8 +83,8 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(
     # the training curve after the resume is the uninterrupted one
     curve_whole = dict(read_scalars(tmp_path / "whole", ["train/loss"])["train/loss"])
     curve_resumed = dict(read_scalars(stopped_dir, ["train/loss"])["train/loss"])
-    assert sorted(curve_resumed) == sorted(curve_whole) == [3, 7, 11, 15, 19, 23, 27]
-    for step in (15, 19, 23, 27):  # 15: the interval the stop cut in two
+    assert sorted(curve_resumed) == sorted(curve_whole) == [4, 8, 12, 16, 20, 24, 28]
+    for step in (16, 20, 24, 28):  # 16: the interval the stop cut in two
         assert curve_resumed[step] == pytest.approx(curve_whole[step], abs=1e-5)
 
 

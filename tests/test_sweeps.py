@@ -16,13 +16,15 @@ from helpers import TINY_GPT, compose_train, run_lmlab
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep
+from hydra.errors import OverrideParseException
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import metadata
 
 from lmlab.callbacks import record_failure
 from lmlab.errors import LmlabError
-from lmlab.hparams_tab import run_hparams
+from lmlab.hparams_tab import flat_hparams, run_hparams
 from lmlab.runs.collect import collect_runs
 from lmlab.runs.sweeps import (
     MAX_DIRNAME_BYTES,
@@ -61,7 +63,7 @@ def job_dirs(sweep: Path) -> list[Path]:
 
 def test_job_dirname_lists_the_overrides_as_typed():
     name = job_dirname(2, ["model=gpt", "data.block_size=64"])
-    assert name == "2_model=gpt,data.block_size=64"
+    assert name == "2_model-gpt+data.block_size-64"
     assert job_dirname(0, []) == "0"
 
 
@@ -77,17 +79,37 @@ def test_job_dirname_is_one_safe_path_component():
         exclude_keys=["paths.log_dir"],
     )
     assert name == (
-        "1_data.path=shakespeare.txt,model.optimizer.lr=0.00363,"
-        "callbacks.sample_text.prompt=_To_be__or_not__"
+        "1_data.path-shakespeare.txt+model.optimizer.lr-0.00363+"
+        "callbacks.sample_text.prompt-_To_be__or_not__"
     )
     assert "/" not in name and " " not in name
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=gpt", "data.block_size=64"],
+        ["model.optimizer.lr=0.0036303760732131728", "+model.dropout=0.1"],
+        ["model.optimizer.betas=[0.9,0.95]", "data.path='/a b/c=d,e.txt'", "seed=~1"],
+        [f"model.key_{i}=value_{i}" for i in range(40)],  # capped, with a hash
+    ],
+)
+def test_a_path_through_a_job_directory_pastes_into_ckpt_path(overrides):
+    """What lmlab prints (`continue with ckpt_path=...`) must parse as Hydra reads a command
+    line, unquoted, and give back the same path."""
+    path = f"runs/train/multirun/2026-01-01_00-00-00_abcdef/{job_dirname(2, overrides)}/last.ckpt"
+    parsed = OverridesParser.create().parse_overrides([f"ckpt_path={path}"])[0]
+    assert parsed.value() == path
+    # negative control: the old names (`key=value,key=value`) did not parse
+    with pytest.raises(OverrideParseException):
+        OverridesParser.create().parse_overrides(["ckpt_path=runs/2_model=gpt,seed=1/last.ckpt"])
 
 
 def test_job_dirname_shows_only_the_swept_keys_when_known():
     overrides = ["data.path=/x/tiny.txt", "model=gpt", "+model.dropout=0.1", "seed=3"]
     swept = ["model.dropout", "seed"]
-    assert job_dirname(0, overrides, swept_keys=swept) == "0_+model.dropout=0.1,seed=3"
-    assert job_dirname(0, overrides, swept_keys=["other"]).startswith("0_data.path=tiny.txt")
+    assert job_dirname(0, overrides, swept_keys=swept) == "0_model.dropout-0.1+seed-3"
+    assert job_dirname(0, overrides, swept_keys=["other"]).startswith("0_data.path-tiny.txt")
 
 
 def test_swept_keys_are_command_line_sweeps_and_sweeper_params():
@@ -109,7 +131,7 @@ def test_long_job_dirnames_are_capped_and_kept_apart():
     a = job_dirname(0, many)
     b = job_dirname(0, [*many[:-1], "model.key_39=other"])
     assert len(a.encode()) <= MAX_DIRNAME_BYTES + 8  # plus the job number and `_`
-    assert a.startswith("0_model.key_0=value_0,") and a != b
+    assert a.startswith("0_model.key_0-value_0+") and a != b
 
 
 def test_sweep_subdir_is_the_job_number_and_its_overrides():
@@ -117,7 +139,7 @@ def test_sweep_subdir_is_the_job_number_and_its_overrides():
         ["model=gpt", "trainer.enable_progress_bar=false", "seed=7", "hydra.job.num=3"]
     )
     # noisy keys are left out; Hydra's own overrides (hydra.*) never appear
-    assert cfg.hydra.sweep.subdir == "3_model=gpt,seed=7"
+    assert cfg.hydra.sweep.subdir == "3_model-gpt+seed-7"
 
 
 # ----------------------------------------------------------------------------- failures
@@ -137,7 +159,7 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path, tiny_corpus: Path
     assert result.returncode == 1, result.stderr[-2000:]
     # one directory per job, named by its number and what the sweep varies
     failed_dir, done_dir = job_dirs(sweep)
-    assert (failed_dir.name, done_dir.name) == ("0_model.n_head=3", "1_model.n_head=2")
+    assert (failed_dir.name, done_dir.name) == ("0_model.n_head-3", "1_model.n_head-2")
 
     failed = json.loads((failed_dir / "metrics.json").read_text())
     assert failed["status"] == "failed"
@@ -206,21 +228,50 @@ def test_optimized_value_is_the_best_finite_value():
 # ----------------------------------------------------------------------------- TensorBoard
 
 
-def test_hparams_are_logged_with_the_final_metrics(tiny_train_cfg):
+def test_hparams_are_logged_with_the_best_metrics(tiny_train_cfg):
     cfg = tiny_train_cfg("data.block_size=16")
     summary = train(cfg)
     events = EventAccumulator(cfg.paths.output_dir)
     events.Reload()
-    assert "_hparams_/experiment" in events.PluginTagToContent("hparams")
-    [bpc] = events.Scalars("hp/val_bpc")
-    assert bpc.value == pytest.approx(summary["val/bpc"]) and bpc.step == 20
-    [loss] = events.Scalars("hp/val_loss")
-    assert loss.value == pytest.approx(summary["val/loss"])
-    # the HParams tab's columns: the logger flattens the nested hyperparameters
-    tab = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
-    assert b"model/optimizer/lr" in tab and b"data/block_size" in tab
+    [bpc] = events.Scalars("val/best_bpc")
+    assert bpc.value == pytest.approx(summary["best"]["val/bpc"]) and bpc.step == 20
+    [loss] = events.Scalars("val/best_loss")
+    assert loss.value == pytest.approx(summary["best"]["val/loss"])
+    # a session of its own, no experiment definition: TensorBoard makes one for all the runs
+    # it is shown, with the union of their keys (one run's definition would hide the others')
+    tags = events.PluginTagToContent("hparams")
+    assert "_hparams_/experiment" not in tags
+    start = metadata.parse_session_start_info_plugin_data(tags["_hparams_/session_start_info"])
+    assert start.hparams["model/optimizer/lr"].number_value == 0.01
+    assert start.hparams["data/block_size"].number_value == 16  # a number, not "16"
+    assert start.hparams["model/optimizer/betas/1"].number_value == 0.999  # a list's items
+    assert start.hparams["model/name"].string_value == "bigram"
+    assert "trainer/gradient_clip_val" not in start.hparams  # null: no "None" column
+    assert start.group_name == Path(cfg.paths.output_dir).name.rsplit("_", 1)[-1]
     logged = yaml.safe_load((Path(cfg.paths.output_dir) / "hparams.yaml").read_text())
     assert logged["data"]["block_size"] == 16 and logged["model"]["optimizer"]["lr"] == 0.01
+
+
+def test_scalars_are_at_steps_done_with_no_epoch_scalar(tiny_train_cfg):
+    """One step convention: a scalar at step 10 is the state after 10 steps, as in samples,
+    checkpoints, metrics.json and the console (Lightning's own is one less)."""
+    cfg = tiny_train_cfg("trainer.val_check_interval=10", "trainer.log_every_n_steps=5")
+    train(cfg)
+    events = EventAccumulator(cfg.paths.output_dir)
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/loss")] == [0, 10, 20]
+    assert [e.step for e in events.Scalars("train/loss")] == [5, 10, 15, 20]
+    assert "epoch" not in events.Tags()["scalars"]
+
+
+def test_flat_hparams_keep_native_types():
+    params = {"model": {"betas": [0.9, 0.95], "dropout": None, "bias": True}, "seed": 3}
+    assert flat_hparams(params) == {
+        "model/betas/0": 0.9,
+        "model/betas/1": 0.95,
+        "model/bias": True,
+        "seed": 3,
+    }
 
 
 def test_run_hparams_are_the_keys_worth_comparing(tmp_path: Path):
@@ -401,7 +452,7 @@ def test_joblib_runs_two_jobs(tmp_path: Path, tiny_corpus: Path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     jobs = job_dirs(sweep)
-    assert [j.name for j in jobs] == ["0_seed=1", "1_seed=2"]
+    assert [j.name for j in jobs] == ["0_seed-1", "1_seed-2"]
     for job in jobs:
         assert json.loads((job / "metrics.json").read_text())["status"] == "completed"
     assert "2 jobs, 2 completed" in result.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from importlib.resources import files
 from pathlib import Path
 
@@ -12,12 +13,14 @@ import hydra
 import pytest
 import torch
 from helpers import TINY_TEXT, compose_train, data_dir, needs_corpus, needs_tiktoken, run_lmlab
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lmlab.checkpoint import load_for_sampling
+from lmlab.cli import train_help
 from lmlab.lit_module import lm_loss
 from lmlab.models import check_block_size
-from lmlab.train import build_lit_module, train
+from lmlab.train import build_lit_module, train, validation_interval
 
 CONF = files("lmlab.conf")  # the installed config tree, wherever the checkout is
 
@@ -96,10 +99,9 @@ def test_tiny_run_writes_the_run_directory(tiny_train_cfg):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "val/loss", "val/bpc", "val/bpb", "val/ppl", "train/lr"} <= tags
     assert "train/tokens_per_sec" in tags
-    # the validation before the first step, then (Lightning numbers logged steps from 0)
-    # the validations after steps 10 and 20
+    # the validation before the first step, then the validations after steps 10 and 20
     val_loss = events.Scalars("val/loss")
-    assert [e.step for e in val_loss] == [0, 9, 19]
+    assert [e.step for e in val_loss] == [0, 10, 20]
     vocab_size = len(set(TINY_TEXT))
     assert abs(val_loss[0].value - math.log(vocab_size)) < 0.05  # an untrained bigram: ln V
     # what was scored: both parts of the tiny corpus, characters = bytes = tokens (ASCII)
@@ -111,6 +113,30 @@ def test_tiny_run_writes_the_run_directory(tiny_train_cfg):
     assert (run / "checkpoints" / "last.ckpt").is_file()
     samples = (run / "samples.txt").read_text()
     assert "=== step 20, sample 1 ===" in samples
+
+
+def test_a_run_validates_ten_times_and_samples_at_each_validation(tiny_train_cfg):
+    """val_check_interval=null: a tenth of max_steps. A sample at every validation, the
+    final one included, though 31 steps is no multiple of the interval (3): it runs after
+    fit(), and once only."""
+    cfg = tiny_train_cfg("trainer.max_steps=31", "trainer.val_check_interval=null")
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    events = EventAccumulator(str(run), size_guidance={"tensors": 0})  # 0: keep them all
+    events.Reload()
+    expected = [3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 31]
+    assert [e.step for e in events.Scalars("val/loss")] == [0, *expected]
+    sampled = re.findall(r"=== step (\d+), sample 1 ===", (run / "samples.txt").read_text())
+    assert [int(s) for s in sampled] == expected
+    assert [e.step for e in events.Tensors("samples/text_summary")] == expected
+
+
+@pytest.mark.parametrize(("max_steps", "interval"), [(300, 30), (31, 3), (5, 1), (-1, 500)])
+def test_validation_interval_is_a_tenth_of_the_run(max_steps: int, interval: int):
+    cfg = OmegaConf.create({"max_steps": max_steps, "val_check_interval": None})
+    assert validation_interval(cfg) == interval
+    cfg.val_check_interval = 7  # a value the user set is kept
+    assert validation_interval(cfg) == 7
 
 
 def summary_expected_params(cfg) -> int:
@@ -206,3 +232,15 @@ def test_ctrl_c_outside_the_training_loop_is_one_line(monkeypatch, capsys):
         train_module.main()
     assert stopped.value.code == 130  # 128 + SIGINT, as a shell reports it
     assert capsys.readouterr().err == "lmlab-train: interrupted (Ctrl-C)\n"
+
+
+def test_help_lists_groups_experiments_and_examples():
+    text = train_help()
+    experiments = sorted(f.stem for f in (CONF / "experiment").glob("*.yaml"))
+    listed = re.findall(r"^  (\w+) +\S", text.split("Experiments")[1].split("Examples")[0], re.M)
+    assert listed == experiments
+    [data_line] = [line for line in text.splitlines() if line.startswith("  data ")]
+    options = sorted(f.stem for f in (CONF / "data").glob("*.yaml") if f.stem != "base")
+    assert data_line.split()[1:] == [f"{o}," for o in options[:-1]] + options[-1:]
+    assert "base" not in data_line  # what the data options build on is no option
+    assert "lmlab-train -m model=bigram,mlp,gpt" in text and "-sc install=bash" in text

@@ -178,20 +178,26 @@ class SampleTextCallback(L.Callback):
         self.every_n_validations = max(1, every_n_validations)
         self.settings = SamplingSettings(**settings)
         self._validations = 0
+        self._last_step = -1
 
     @rank_zero_only
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
+        # Not at step 0 (an untrained model's noise), nor twice at one step; but after the
+        # final validation too, which runs outside fit() when the last step is not a
+        # validation step, and always gets a sample.
+        step = trainer.global_step
+        if trainer.sanity_checking or step == 0 or step == self._last_step:
             return
         self._validations += 1
-        if self._validations % self.every_n_validations:
+        final = trainer.state.fn != "fit" or step >= trainer.max_steps > 0
+        if self._validations % self.every_n_validations and not final:
             return
+        self._last_step = step
         from lmlab.data.tokenizers import tokenizer_from_state
         from lmlab.generation import sample_text
 
         tokenizer = tokenizer_from_state(pl_module.hparams.tokenizer_state)
         texts = sample_text(pl_module.model, tokenizer, self.settings, device=pl_module.device)
-        step = trainer.global_step
         for logger in trainer.loggers:
             if hasattr(logger.experiment, "add_text"):
                 # two trailing spaces: TensorBoard renders markdown, keep the line breaks

@@ -1,14 +1,19 @@
-"""TensorBoard's HParams tab: the hyperparameters a run reports to its loggers, and the final
-metrics that go with them (one row per run of a sweep)."""
+"""TensorBoard's HParams tab: the hyperparameters a run reports to its loggers, and the best
+figures that go with them (one row per run of a sweep)."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+from lmlab.runs.sweeps import is_multirun
 
 # Data settings that change what is learned; paths, workers and seeds of the split do not.
 DATA_KEYS = (
@@ -23,8 +28,9 @@ DATA_KEYS = (
     "train_fraction",
 )
 TRAINER_KEYS = ("max_steps", "precision", "accumulate_grad_batches", "gradient_clip_val")
-# summary key -> HParams metric tag (a tag of its own: the curves stay under val/)
-HPARAM_METRICS = {"val/loss": "hp/val_loss", "val/bpc": "hp/val_bpc"}
+# summary key -> the tag of its best value (the curves are under val/ already; the HParams
+# tab shows the last value of each scalar, so the best ones need tags of their own)
+BEST_TAGS = {"val/loss": "val/best_loss", "val/bpc": "val/best_bpc", "val/bpb": "val/best_bpb"}
 
 
 def run_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -46,22 +52,84 @@ def run_hparams(cfg: DictConfig) -> dict[str, Any]:
     return params
 
 
-def hparam_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    """The run's best validation metrics under their `hp/` tags (finite values only)."""
-    values = {tag: summary.get(key) for key, tag in HPARAM_METRICS.items()}
+def flat_hparams(params: dict[str, Any], prefix: str = "") -> dict[str, bool | float | str]:
+    """`{"model": {"n_embd": 64}}` -> `{"model/n_embd": 64}`, as TensorBoard's columns: None
+    left out (no "null" column), a list as its items (`model/optimizer/betas/0`), numbers and
+    booleans kept as such (a column TensorBoard can sort and plot)."""
+    flat: dict[str, bool | float | str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, f"{name}/"))
+        elif isinstance(value, (list, tuple)):
+            flat.update(flat_hparams(dict(enumerate(value)), f"{name}/"))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        elif value is not None:
+            flat[name] = str(value)
+    return flat
+
+
+def best_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The run's best validation figures under their own tags (finite values only)."""
+    best = summary.get("best") or {}
+    values = {tag: best.get(key, summary.get(key)) for key, tag in BEST_TAGS.items()}
     return {
         t: float(v) for t, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)
     }
 
 
+def trial_name(output_dir: str | Path) -> str:
+    """A short, readable trial ID for the HParams table, unique across sweeps: the job number
+    and the sweep's random suffix (`2 · 3fa9c1`) for a sweep job, the run's suffix otherwise.
+    The full name is the run column; this one is what fits the table's first column."""
+    path = Path(output_dir)
+    if is_multirun():
+        number = path.name.split("_", 1)[0]
+        return f"{number} · {path.parent.name.rsplit('_', 1)[-1]}"
+    return path.name.rsplit("_", 1)[-1]
+
+
 def log_final_hparams(
-    loggers: list[Logger], params: dict[str, Any], metrics: dict[str, float], step: int
+    loggers: list[Logger],
+    params: dict[str, Any],
+    summary: dict[str, Any],
+    step: int,
+    output_dir: str | Path,
 ) -> None:
-    """TensorBoard shows a run in its HParams tab only once hparams come with metrics, so they
-    are logged at the end of training, with the best values."""
+    """At the end of training: the best figures as scalars, and the run's hyperparameters as
+    an HParams session (TensorBoard lists a run there only once it has both).
+
+    Each run writes its session, never an experiment definition: TensorBoard then builds one
+    for all the runs it is shown, with the union of their keys, the keys that differ between
+    runs (what a sweep varies) first, and every scalar as a metric. A definition written by
+    each run would be picked from one arbitrary run, and hide the others' keys."""
+    metrics = best_metrics(summary)
     if not metrics:
         return
+    start = plugin_data_pb2.SessionStartInfo(group_name=trial_name(output_dir))
+    for name, value in flat_hparams(params).items():
+        field = {bool: "bool_value", str: "string_value"}.get(type(value), "number_value")
+        setattr(start.hparams[name], field, value)
+    end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS)
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(params, metrics=metrics, step=step)
-            logger.finalize("success")  # fit closed its writer; close the one this reopened
+            writer = logger.experiment  # fit closed it: writing reopens an event file
+            for tag, value in metrics.items():
+                writer.add_scalar(tag, value, global_step=step)
+            writer.file_writer.add_summary(_summary(session_start_info=start), step)
+            writer.file_writer.add_summary(_summary(session_end_info=end), step)
+            writer.close()
+
+
+def _summary(**info: Any) -> Summary:
+    """A session's start or end as the event TensorBoard's HParams plugin reads (what
+    tensorboard.plugins.hparams.summary builds, without the TensorFlow that module imports)."""
+    (field,) = info
+    tag = {"session_start_info": metadata.SESSION_START_INFO_TAG}.get(
+        field, metadata.SESSION_END_INFO_TAG
+    )
+    content = plugin_data_pb2.HParamsPluginData(**info)
+    return Summary(
+        value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(content))]
+    )

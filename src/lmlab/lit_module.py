@@ -71,6 +71,7 @@ class LitLanguageModel(L.LightningModule):
         self.interval_loss.add_(loss.detach())
         self.interval_steps += 1
         if is_logging_step(self.trainer, self.trainer.global_step + 1):
+            self._log_step(self.trainer.global_step + 1)  # the count once this step is done
             self.log("train/loss", self.interval_loss / self.interval_steps, prog_bar=True)
             # one tag for the rate (LearningRateMonitor would log one per parameter group)
             self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
@@ -94,9 +95,16 @@ class LitLanguageModel(L.LightningModule):
             raise RuntimeError("set eval_factors (bpc, bpb) of the text before trainer.test")
         self._log_scores(self.eval_part, self.eval_loss, *self.eval_factors)
 
+    def _log_step(self, step: int) -> None:
+        """Log at `step` steps done: the one convention of samples, checkpoints, metrics.json
+        and the console (Lightning's own is the index of the step, one less). A logged `step`
+        also keeps Lightning from adding its `epoch` scalar, which counts pseudo-epochs."""
+        self.log("step", float(step), logger=True, prog_bar=False)
+
     def _log_scores(self, part: str, metric: MeanMetric, bpc: float, bpb: float | None) -> None:
         loss = metric.compute()  # the exact mean over all processes' windows
         metric.reset()
+        self._log_step(self.trainer.global_step)
         # equal on every process already; sync_dist tells Lightning so (one tiny all-reduce)
         self.log(f"{part}/loss", loss, prog_bar=metric is self.val_loss, sync_dist=True)
         self.log(f"{part}/bpc", loss * bpc, sync_dist=True)

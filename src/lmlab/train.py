@@ -100,8 +100,27 @@ def build_run(cfg: DictConfig, extra_callbacks: tuple[Any, ...] = ()) -> Run:
         callbacks.append(LearningRateRangeTest(cfg.paths.output_dir, **tune))
     use_job_directory_for_ddp_processes()
     loggers = _instantiate_all(cfg.get("logger"))
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers,
+        val_check_interval=validation_interval(cfg.trainer),
+    )
     return Run(datamodule, module, trainer, callbacks)
+
+
+# Validations a run gets when trainer.val_check_interval is null, whatever its length.
+VALIDATIONS_PER_RUN = 10
+
+
+def validation_interval(trainer_cfg: DictConfig) -> int | float:
+    """trainer.val_check_interval as set, or a tenth of max_steps when it is null (every
+    500 steps when the run is bounded by epochs rather than steps)."""
+    interval = trainer_cfg.get("val_check_interval")
+    if interval is not None:
+        return interval
+    max_steps = trainer_cfg.get("max_steps", -1)
+    return max(1, round(max_steps / VALIDATIONS_PER_RUN)) if max_steps > 0 else 500
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -123,7 +142,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
 
     from lmlab.callbacks import RunSummary
     from lmlab.checkpoint import check_resumable, check_same_data
-    from lmlab.hparams_tab import hparam_metrics, log_final_hparams, run_hparams
+    from lmlab.hparams_tab import log_final_hparams, run_hparams
 
     if (threads := threads_per_parallel_job()) is not None:
         torch.set_num_threads(threads)
@@ -167,7 +186,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         summary.extra.update(_test(trainer, module, datamodule))
         summary.write(trainer, module)
     log_final_hparams(
-        trainer.loggers, hparams, hparam_metrics(summary.summary), trainer.global_step
+        trainer.loggers, hparams, summary.summary, trainer.global_step, cfg.paths.output_dir
     )
     return summary.summary
 

@@ -34,8 +34,10 @@ RUN_ID_RESOLVER = "lmlab.run_id"
 # launcher's jobs (this process's, joblib and submitit children, sbatch's exported environment).
 SWEPT_KEYS_ENV = "LMLAB_SWEPT_KEYS"
 # Characters kept in a job directory name; anything else (path separators, quotes, spaces,
-# shell wildcards) becomes `_`, so the name is one safe path component on every system.
-_UNSAFE = re.compile(r"[^\w.,=+\-~@%\[\]{}]")
+# shell wildcards, and `=` `,` `~` brackets, which Hydra's override grammar would read) becomes
+# `_`: the name is one safe path component, and a path through it pastes unquoted into
+# `ckpt_path=...`.
+_UNSAFE = re.compile(r"[^\w.+\-@%]")
 # File names are limited to 255 bytes; leave room for what tools append.
 MAX_DIRNAME_BYTES = 180
 
@@ -65,9 +67,10 @@ def job_dirname(
     exclude_keys: Iterable[str] = (),
     swept_keys: Collection[str] = (),
 ) -> str:
-    """`3_model=gpt,data.block_size=64`: the job number (unique, sorts in launch order), then its
-    overrides as typed (only the swept ones when known; never `exclude_keys`), a path shortened to
-    its file name, a float (as Optuna suggests) to four digits: .hydra/ keeps the exact values."""
+    """`3_model-gpt+data.block_size-64`: the job number (unique, sorts in launch order), then its
+    overrides as `key-value` joined by `+` (only the swept ones when known; never
+    `exclude_keys`), a path shortened to its file name, a float (as Optuna suggests) to four
+    digits: .hydra/ keeps the exact values."""
     excluded = set(exclude_keys)
     pairs = [str(o).partition("=") for o in overrides]
     pairs = [p for p in pairs if p[0] not in excluded and p[0].lstrip("+~") not in excluded]
@@ -76,12 +79,12 @@ def job_dirname(
         value = re.split(r"[/\\]", value.rstrip("/\\"))[-1]  # a path's last component
         if re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][-+]?\d+)", value):
             value = f"{float(value):.4g}"
-        items.append(f"{key}{sep}{value}")
-    name = _UNSAFE.sub("_", ",".join(items))
+        items.append(f"{key.lstrip('+~')}-{value}" if sep else key)
+    name = "+".join(_UNSAFE.sub("_", item) for item in items)
     if len(name.encode()) > MAX_DIRNAME_BYTES:
         # Keep a readable prefix; the hash keeps two long names apart.
         digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-        name = name.encode()[: MAX_DIRNAME_BYTES - 9].decode(errors="ignore") + "~" + digest
+        name = name.encode()[: MAX_DIRNAME_BYTES - 9].decode(errors="ignore") + "@" + digest
     return f"{num}_{name}" if name else str(num)
 
 
