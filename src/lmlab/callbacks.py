@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import sys
 import threading
@@ -89,6 +90,14 @@ class RunSummary(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self.status = "completed"
         self.write(trainer, pl_module)
+
+    # Kept in checkpoints: a resumed run's best is the best over the whole run.
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "last": self.last}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = dict(state_dict.get("best") or {})
+        self.last = dict(state_dict.get("last") or {})
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         interrupted = isinstance(exception, (KeyboardInterrupt, SIGTERMException))
@@ -268,7 +277,7 @@ class CheckpointOnInterrupt(L.Callback):
         if trainer.is_global_zero:
             print(
                 f"lmlab-train: {self.signal_name} at step {trainer.global_step}: saved "
-                f"{self.path}; continue with ckpt_path={self.path}",
+                f"{self.path}; continue with: lmlab-train ckpt_path={shlex.quote(str(self.path))}",
                 file=sys.stderr,
             )
 

@@ -302,6 +302,9 @@ def main() -> None:
 
         print(train_help())
         return
+    from lmlab.runs.resume import main_arguments
+
+    main_arguments()  # ckpt_path inside a run directory: continue that run, where it was
     try:
         _hydra_main()
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (while tokenizing, say)
