@@ -84,3 +84,26 @@ def test_a_pasted_checkpoint_path_resumes_the_run_in_place(tmp_path: Path, tiny_
     assert steps == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 18, 20]
     assert read_metrics(run)[1] == "completed"
     assert not (tmp_path / "runs").exists()  # no second run directory
+
+
+def test_ckpt_path_auto_starts_fresh_then_resumes(tmp_path: Path, tiny_corpus: Path):
+    """ckpt_path=auto makes a command restartable: the first time it starts fresh, later it
+    continues from the run directory's last.ckpt (a requeued SLURM job runs it again)."""
+    command = [
+        f"data.path={tiny_corpus}",
+        *TINY_GPT,
+        "ckpt_path=auto",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    first = run_lmlab("train", *command, "trainer.max_steps=10", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "no " in first.stdout and "starting fresh" in first.stdout
+    again = run_lmlab("train", *command, "trainer.max_steps=20", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "ckpt_path=auto: resuming from" in again.stdout
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["steps"] == 20
+    # resumed, not restarted: no second validation at step 0
+    steps = [step for step, _ in read_scalars(tmp_path / "run", ["val/loss"])["val/loss"]]
+    assert steps.count(0) == 1 and steps[-1] == 20

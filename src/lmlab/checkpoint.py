@@ -8,6 +8,7 @@ that says what was found and what to give instead."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import pickle
 import re
@@ -28,6 +29,8 @@ from lmlab.atomic_write import atomic_write_bytes
 from lmlab.data.tokenizers import Tokenizer, tokenizer_from_state
 from lmlab.errors import LmlabError
 from lmlab.models import MODELS, build_model
+
+log = logging.getLogger("lmlab")
 
 USE_INSTEAD = "give ckpt_path=<run dir>/checkpoints/last.ckpt, a file written by lmlab-train"
 # ckpt_path values that Lightning resolves itself (the trainer's own last/best checkpoint)
@@ -221,6 +224,20 @@ def _differences(saved: dict[str, Any], now: dict[str, Any], template: str) -> l
     return [
         template.format(k, now.get(k), saved.get(k)) for k in keys if saved.get(k) != now.get(k)
     ]
+
+
+def resolve_auto(ckpt_path: str | None, output_dir: str | Path) -> str | None:
+    """`ckpt_path=auto`: the run directory's own `checkpoints/last.ckpt` when there is one (a
+    restarted or requeued job continues where it stopped), else None (a fresh start). Any
+    other value is returned as it is."""
+    if ckpt_path != "auto":
+        return ckpt_path
+    last = Path(output_dir) / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        log.info("ckpt_path=auto: resuming from %s", last)
+        return str(last)
+    log.info("ckpt_path=auto: no %s yet, starting fresh", last)
+    return None
 
 
 def check_resumable(

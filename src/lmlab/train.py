@@ -141,7 +141,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
     from lmlab.callbacks import RunSummary
-    from lmlab.checkpoint import check_resumable, check_same_data
+    from lmlab.checkpoint import check_resumable, check_same_data, resolve_auto
     from lmlab.hparams_tab import log_final_hparams, run_hparams
 
     if (threads := threads_per_parallel_job()) is not None:
@@ -170,14 +170,15 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     if summary is not None:
         summary.extra["data"] = datamodule.part_summary()
 
-    if cfg.get("ckpt_path") is not None:  # it exists, is a checkpoint, and fits this data
+    ckpt_path = resolve_auto(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    if ckpt_path is not None:  # it exists, is a checkpoint, and fits this data
         max_steps = cfg.trainer.get("max_steps", -1)
-        if (saved := check_resumable(cfg.ckpt_path, module, max_steps)) is not None:
-            check_same_data(cfg.ckpt_path, saved, dict(module.hparams))
+        if (saved := check_resumable(ckpt_path, module, max_steps)) is not None:
+            check_same_data(ckpt_path, saved, dict(module.hparams))
     elif cfg.get("val_at_start", True):
         _validate_at_start(trainer, module, datamodule)
     # weights_only: resuming never runs code pickled into a checkpoint
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if summary is None:
         return {}
     if summary.last.get("step") != trainer.global_step and not trainer.fast_dev_run:
