@@ -233,9 +233,9 @@ def test_hparams_are_logged_with_the_best_metrics(tiny_train_cfg):
     summary = train(cfg)
     events = EventAccumulator(cfg.paths.output_dir)
     events.Reload()
-    [bpc] = events.Scalars("val/best_bpc")
+    [bpc] = events.Scalars("val_best/bpc")
     assert bpc.value == pytest.approx(summary["best"]["val/bpc"]) and bpc.step == 20
-    [loss] = events.Scalars("val/best_loss")
+    [loss] = events.Scalars("val_best/loss")
     assert loss.value == pytest.approx(summary["best"]["val/loss"])
     # a session of its own, no experiment definition: TensorBoard makes one for all the runs
     # it is shown, with the union of their keys (one run's definition would hide the others')

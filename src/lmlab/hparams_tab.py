@@ -28,9 +28,10 @@ DATA_KEYS = (
     "train_fraction",
 )
 TRAINER_KEYS = ("max_steps", "precision", "accumulate_grad_batches", "gradient_clip_val")
-# summary key -> the tag of its best value (the curves are under val/ already; the HParams
-# tab shows the last value of each scalar, so the best ones need tags of their own)
-BEST_TAGS = {"val/loss": "val/best_loss", "val/bpc": "val/best_bpc", "val/bpb": "val/best_bpb"}
+# summary key -> the tag of its best value: the HParams tab shows the last value of each
+# scalar, so the best ones need tags of their own, in a group that sorts after train/ and val/
+# (TensorBoard opens on the first groups)
+BEST_TAGS = {"val/loss": "val_best/loss", "val/bpc": "val_best/bpc", "val/bpb": "val_best/bpb"}
 
 
 def run_hparams(cfg: DictConfig) -> dict[str, Any]:
