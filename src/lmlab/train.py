@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,8 +80,9 @@ def build_run(cfg: DictConfig, extra_callbacks: tuple[Any, ...] = ()) -> Run:
     """Data (tokenized, split), the LightningModule and the Trainer with its callbacks and
     loggers, as `cfg` describes them; nothing is trained yet."""
     import lightning as L
-    from lightning.pytorch.callbacks import ProgressBar
+    from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 
+    from lmlab.console import is_terminal, progress_callbacks
     from lmlab.models import check_block_size
     from lmlab.runs.distributed import use_job_directory_for_ddp_processes
 
@@ -91,8 +93,12 @@ def build_run(cfg: DictConfig, extra_callbacks: tuple[Any, ...] = ()) -> Run:
     module = build_lit_module(cfg.model, datamodule, cfg.data)
     check_block_size(module.model, datamodule.block_size)  # before anything is written
     callbacks = [*_instantiate_all(cfg.get("callbacks")), *extra_callbacks]
-    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it may not show
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    # the bar only on a terminal (its redraws are noise in a file); the progress lines always
+    show_bar = bool(cfg.trainer.get("enable_progress_bar", True)) and is_terminal()
+    callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    callbacks = [*progress_callbacks(show_bar), *callbacks]
+    if not cfg.trainer.get("enable_model_summary", True):  # a configured one would still run
+        callbacks = [c for c in callbacks if not isinstance(c, ModelSummary)]
     if (cfg.get("tune") or {}).get("lr_find"):
         from lmlab.lr_finder import LearningRateRangeTest
 
@@ -105,6 +111,8 @@ def build_run(cfg: DictConfig, extra_callbacks: tuple[Any, ...] = ()) -> Run:
         callbacks=callbacks,
         logger=loggers,
         val_check_interval=validation_interval(cfg.trainer),
+        enable_progress_bar=show_bar,  # else Lightning adds a bar of its own
+        enable_model_summary=False,  # the configured PlainModelSummary is the summary
     )
     return Run(datamodule, module, trainer, callbacks)
 
@@ -139,13 +147,20 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     # before anything is built or written, and before anything resolves an interpolation
     check_config(cfg)
     import torch
+    from lightning.pytorch.utilities import rank_zero_only
 
     from lmlab.callbacks import RunSummary
     from lmlab.checkpoint import check_resumable, check_same_data, resolve_auto
+    from lmlab.console import format_parameters, print_config_tree, start_banner
     from lmlab.hparams_tab import log_final_hparams, run_hparams
 
     if (threads := threads_per_parallel_job()) is not None:
         torch.set_num_threads(threads)
+    if rank_zero_only.rank == 0:  # not the other processes of a distributed run
+        if cfg.get("print_config", True):
+            print_config_tree(cfg)
+        for line in start_banner(Path(cfg.paths.output_dir)).splitlines():
+            log.info(line)
     run = build_run(cfg)
     datamodule, module, trainer = run.datamodule, run.module, run.trainer
     if cfg.get("test") and datamodule.test_stream is None:
@@ -157,8 +172,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
             f"corpus {name}: {n['documents']} documents, {n['characters']} characters, "
             f"{n['bytes']} bytes -> {n['tokens']} tokens"
         )
-    size = module.num_parameters() / 1e6
-    log.info(f"vocab {datamodule.vocab_size}; model {cfg.model.name}: {size:.2f}M parameters")
+    size = format_parameters(module.num_parameters())
+    log.info(f"vocab {datamodule.vocab_size}; model {cfg.model.name}: {size} parameters")
     if trainer.strategy.root_device.type == "cuda":
         # fp32 matrix products on TF32 tensor cores (10-bit mantissa inputs)
         torch.set_float32_matmul_precision("high")
@@ -247,6 +262,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
     from lmlab.callbacks import record_failure
     from lmlab.cli import refuse
+    from lmlab.console import quiet_third_party
+
+    quiet_third_party()  # before anything is built; again in each job of a sweep
 
     started = time.time()
     output_dir = Path(cfg.paths.output_dir)
@@ -306,6 +324,8 @@ def main() -> None:
     from lmlab.runs.resume import main_arguments
 
     main_arguments()  # ckpt_path inside a run directory: continue that run, where it was
+    if not sys.stderr.isatty():  # Optuna's colorlog writes colour codes even into files
+        os.environ.setdefault("NO_COLOR", "1")
     try:
         _hydra_main()
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (while tokenizing, say)
