@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import logging.config
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -518,3 +519,27 @@ def test_start_banner_names_the_run_directory_and_tensorboard(tmp_path: Path):
     banner = start_banner(run)
     assert banner.splitlines()[0] == f"run directory: {run}"
     assert f"tensorboard --logdir '{run}'" in banner  # quoted: a path with a space
+
+
+def test_a_run_in_a_file_is_calm_and_keeps_its_progress(tmp_path: Path, tiny_corpus: Path):
+    """lmlab-train with its output going to files, as in a batch job: no escape codes, no
+    adverts or FLOPs column, the run directory first, progress lines in train.log."""
+    from helpers import TINY_GPT, run_lmlab
+
+    run = tmp_path / "run"
+    result = run_lmlab(
+        "train",
+        f"data.path={tiny_corpus}",
+        *TINY_GPT,
+        "trainer.max_steps=20",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout + result.stderr
+    assert "\x1b" not in out and "\x1b" not in (run / "train.log").read_text()
+    assert "Tip" not in out and "FLOPs" not in out and "LeafSpec" not in out
+    assert out.index(f"run directory: {run}") < out.index("step 0: val/loss")
+    log = (run / "train.log").read_text()
+    assert [int(n) for n in re.findall(r"step (\d+)/20: ", log)] == list(range(2, 21, 2))
+    assert "trained 20 steps" in log
