@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import random
 import statistics
@@ -31,9 +32,11 @@ def make_run(
     curve: list[tuple[int, float]] | None = None,
     config: dict[str, Any] | None = None,
     samples: str | None = None,
+    job: int | None = None,
     **extra: Any,
 ) -> Path:
-    """A run directory as `lmlab-train` leaves it, with only the files under test."""
+    """A run directory as `lmlab-train` leaves it, with only the files under test; `job`: a
+    sweep's job, with the .hydra/hydra.yaml Hydra writes for one."""
     run_dir.mkdir(parents=True)
     metrics: dict[str, Any] = {
         "status": status,
@@ -53,6 +56,9 @@ def make_run(
         (hydra / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     if config is not None:
         (hydra / "config.yaml").write_text(yaml.safe_dump(config))
+    if job is not None:
+        hydra_cfg = {"hydra": {"mode": "MULTIRUN", "job": {"num": job, "name": "train"}}}
+        (hydra / "hydra.yaml").write_text(yaml.safe_dump(hydra_cfg))
     if curve:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -545,3 +551,275 @@ def test_an_output_path_in_a_read_only_folder_is_refused(
         "give a writable folder\n"
     )
     assert not (tmp_path / "new").exists()
+
+
+# ----------------------------------------------------------------------------- sweeps, readable
+
+# An Optuna search's overrides, as its sweeper writes them to each trial's overrides.yaml: the
+# floats it suggests at full precision. The job folders are named without `=` (`0_model...-`).
+OPTUNA_TRIALS = [
+    ("0.001014299778430435", "128", "0.17220442168506447", 2.0),
+    ("0.00034567891234", "64", "0.013105771847962622", 2.2),
+    ("1e-05", "192", "0.1", 2.4),
+]
+
+
+def _optuna_sweep(root: Path) -> Path:
+    for num, (lr, width, dropout, bpc) in enumerate(OPTUNA_TRIALS):
+        overrides = [
+            "hparams_search=shakespeare_optuna",
+            f"model.optimizer.lr={lr}",
+            f"model.n_embd={width}",
+            f"model.dropout={dropout}",
+        ]
+        name = f"{num}_model.optimizer.lr-{float(lr):.4g}+model.n_embd-{width}"
+        make_run(root / name, overrides, loss=bpc, bpc=bpc, job=num, curve=[(10, bpc + 1)])
+    return root
+
+
+def test_optuna_settings_are_rounded_for_people_and_exact_in_the_csv(
+    tmp_path: Path, capsys
+) -> None:
+    sweep = _optuna_sweep(tmp_path / "sweep")
+    csv_file, report = tmp_path / "t.csv", tmp_path / "r.md"
+    assert main([str(sweep), "--csv", str(csv_file), "--markdown", str(report)]) == 0
+    printed = capsys.readouterr().out
+    # Four significant digits, worked out by hand: 0.001014|2997..., 0.0003456|789...
+    for shown in ("0.001014", "0.0003457", "1e-05", "0.1722", "0.01311", "0.1"):
+        assert f"│ {shown} " in printed
+    assert "0.0010142" not in printed and "0.17220" not in printed
+    assert "│ 128 " in printed  # integers are not floats: as they are
+    assert "| 1 | 0 | 0.001014 | 128 | 0.1722 |" in report.read_text()
+
+    rows = list(csv.DictReader(csv_file.open()))
+    assert [r["model.optimizer.lr"] for r in rows] == [lr for lr, *_ in OPTUNA_TRIALS]
+    assert rows[0]["model.dropout"] == "0.17220442168506447"
+    assert rows[0]["run"] == "0_model.optimizer.lr-0.001014+model.n_embd-128"  # full names
+
+
+def test_the_legend_names_trials_by_rounded_settings(tmp_path: Path, monkeypatch) -> None:
+    sweep = _optuna_sweep(tmp_path / "sweep")
+    fig = plot_figure(sweep, tmp_path, monkeypatch)
+    assert legend_texts(fig) == [
+        "model.optimizer.lr=0.001014 model.n_embd=128 model.dropout=0.1722",
+        "model.optimizer.lr=0.0003457 model.n_embd=64 model.dropout=0.01311",
+        "model.optimizer.lr=1e-05 model.n_embd=192 model.dropout=0.1",
+    ]
+
+
+def test_floats_that_round_alike_get_the_digits_that_tell_them_apart(tmp_path: Path) -> None:
+    make_run(tmp_path / "a", ["lr=0.0010142", "wd=0.1234567"], loss=1.0, bpc=1.0)
+    make_run(tmp_path / "b", ["lr=0.0010138", "wd=0.2"], loss=1.1, bpc=1.1)
+    table = make_table(collect_runs([tmp_path]))
+    # lr: 0.001014 for both at 4 digits, so 5; wd (the negative control) keeps 4.
+    assert table.digits == {"lr": 5, "wd": 4}
+    assert [g.label for g in table.groups] == ["lr=0.0010142 wd=0.1235", "lr=0.0010138 wd=0.2"]
+
+
+def test_sweep_jobs_are_shown_by_number_and_each_override_once(tmp_path: Path, capsys) -> None:
+    sweep = tmp_path / "sweep"
+    gpt, mlp = ["model=gpt", "data.block_size=8"], ["model=mlp", "data.block_size=16"]
+    make_run(sweep / "0_model-gpt+data.block_size-8", gpt, loss=1.0, bpc=1.5, job=0)
+    make_run(sweep / "1_model-mlp+data.block_size-16", mlp, loss=1.0, bpc=1.2, job=1)
+    assert main([str(sweep)]) == 0
+    printed = capsys.readouterr().out
+    assert "│    1 │ 1   │ mlp   │ 16 " in printed and "│    2 │ 0   │ gpt   │ 8 " in printed
+    assert "model-" not in printed and "block_size-" not in printed  # not in the run column
+
+
+def test_job_numbers_come_from_hydra_or_a_sweep_folder_not_from_any_digits(tmp_path: Path) -> None:
+    # Without hydra.yaml, a folder with Hydra's multirun.yaml marks its runs as sweep jobs.
+    make_run(tmp_path / "sweep" / "3_lr-0.1", ["lr=0.1"], loss=1.0, bpc=1.0)
+    (tmp_path / "sweep" / "multirun.yaml").write_text("hydra: {}\n")
+    # The negative control: a run named with digits outside a sweep keeps its name.
+    make_run(tmp_path / "runs" / "2024_baseline", ["lr=0.2"], loss=1.1, bpc=1.1)
+    runs = collect_runs([tmp_path])
+    assert [(r.name, r.job, r.short_name) for r in runs] == [
+        ("runs/2024_baseline", None, "runs/2024_baseline"),
+        ("sweep/3_lr-0.1", 3, "sweep/3"),
+    ]
+
+
+def test_settings_are_read_from_overrides_yaml_not_from_directory_names(tmp_path: Path) -> None:
+    # Names that spell other values (or none): overrides.yaml decides.
+    make_run(tmp_path / "0_lr=0.5", ["lr=0.1"], loss=1.0, bpc=1.0, job=0)
+    make_run(tmp_path / "1_lr-0.5", ["lr=0.2"], loss=1.1, bpc=1.1, job=1)
+    make_run(tmp_path / "2_x", ["lr=0.3"], loss=1.2, bpc=1.2, job=2)
+    table = make_table(collect_runs([tmp_path]))
+    assert [r["lr"] for r in table.rows] == ["0.1", "0.2", "0.3"]
+    assert [g.names for g in table.groups] == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize(
+    ("seeds", "others", "caption"),
+    [
+        ([1, 2, 3], [], "3 runs in 1 row,"),
+        ([1], [], "1 run in 1 row,"),
+        ([1, 2], ["mlp"], "3 runs in 2 rows,"),
+    ],
+)
+def test_the_caption_counts_runs_and_rows(
+    tmp_path: Path, capsys, seeds: list[int], others: list[str], caption: str
+) -> None:
+    for seed in seeds:
+        make_run(tmp_path / f"gpt_{seed}", ["model=gpt", f"seed={seed}"], loss=1.0, bpc=1.0 + seed)
+    for model in others:
+        make_run(tmp_path / model, [f"model={model}", "seed=1"], loss=1.0, bpc=2.0)
+    assert main([str(tmp_path)]) == 0
+    assert caption in capsys.readouterr().out
+
+
+def test_runs_whose_settings_are_unknown_are_not_grouped(tmp_path: Path) -> None:
+    # No .hydra/ at all: nothing says that these runs differ only by seed.
+    for name, bpc in (("a", 1.0), ("b", 2.0), ("c", 3.0)):
+        (tmp_path / "bare" / name).mkdir(parents=True)
+        metrics = {"status": "completed", "val/loss": bpc, "val/bpc": bpc}
+        (tmp_path / "bare" / name / "metrics.json").write_text(json.dumps(metrics))
+    table = make_table(collect_runs([tmp_path / "bare"]))
+    assert [(r["run"], r["n"]) for r in table.rows] == [("a", 1), ("b", 1), ("c", 1)]
+    # The negative control: runs whose overrides say they differ by seed alone share a row.
+    for seed in (1, 2, 3):
+        make_run(tmp_path / "seeds" / f"s{seed}", ["model=gpt", f"seed={seed}"], loss=1, bpc=1)
+    assert [r["n"] for r in make_table(collect_runs([tmp_path / "seeds"])).rows] == [3]
+
+
+def test_a_seed_group_is_named_by_its_setting_in_the_legend(tmp_path: Path, monkeypatch) -> None:
+    sweep = tmp_path / "sweep"
+    for num, seed in enumerate((1, 2, 3)):
+        name = f"{num}_model-gpt+seed-{seed}"
+        make_run(
+            sweep / name, ["model=gpt", f"seed={seed}"], loss=1, bpc=1, job=num, curve=[(5, 2)]
+        )
+    table = make_table(collect_runs([sweep]))
+    assert [(g.label, g.names) for g in table.groups] == [("model=gpt", "0, 1, 2")]
+    assert legend_texts(plot_figure(sweep, tmp_path, monkeypatch)) == ["model=gpt (3 seeds)"]
+
+    # Beside another setting, the group is named by what differs: the model.
+    for num, seed in enumerate((1, 2), start=3):
+        name = f"{num}_model-mlp+seed-{seed}"
+        make_run(
+            sweep / name, ["model=mlp", f"seed={seed}"], loss=2, bpc=2, job=num, curve=[(5, 3)]
+        )
+    texts = legend_texts(plot_figure(sweep, tmp_path, monkeypatch))
+    assert texts == ["model=gpt (3 seeds)", "model=mlp (2 seeds)"]
+
+
+def test_pruned_trials_rank_last_and_say_so(tmp_path: Path, capsys, monkeypatch) -> None:
+    # The pruned trial's best value is better, from a shorter run: it must not win.
+    make_run(tmp_path / "0_a", ["lr=0.1"], loss=1.5, bpc=2.0, job=0, curve=[(10, 2.0)])
+    pruned = make_run(
+        tmp_path / "1_b",
+        ["lr=0.2"],
+        loss=0.9,
+        bpc=1.2,
+        status="pruned",
+        job=1,
+        steps=500,
+        curve=[(10, 1.2)],
+    )
+    make_run(tmp_path / "2_c", ["lr=0.3"], loss=1.6, bpc=2.1, job=2, curve=[(10, 2.1)])
+    rows = make_table(collect_runs([tmp_path])).rows
+    assert [(r["lr"], r["rank"], r["status"]) for r in rows] == [
+        ("0.1", 1, "completed"),
+        ("0.3", 2, "completed"),
+        ("0.2", None, "pruned"),
+    ]
+    assert rows[2]["error"] == "pruned at step 500"  # no error recorded: said from its steps
+    assert main([str(tmp_path)]) == 0
+    assert "│    - │ 1   │ 0.2 " in capsys.readouterr().out
+    # An error the sweeper recorded is shown as it is.
+    metrics = json.loads((pruned / "metrics.json").read_text())
+    (pruned / "metrics.json").write_text(json.dumps({**metrics, "error": "TrialPruned: step 500"}))
+    assert make_table(collect_runs([tmp_path])).rows[2]["error"] == "TrialPruned: step 500"
+    fig = plot_figure(tmp_path, tmp_path, monkeypatch)
+    assert legend_texts(fig) == ["lr=0.1", "lr=0.3", "lr=0.2 (pruned)"]
+    styles = [line.get_linestyle() for line in fig.axes[0].get_lines()]
+    assert styles == ["-", "-", ":"]  # rows in table order; the pruned one dotted
+
+
+# ----------------------------------------------------------------------------- plot x axis
+
+
+def plot_figure(runs: Path, tmp_path: Path, monkeypatch, *args: str) -> Any:
+    """The figure `lmlab-compare --plot` draws, kept instead of saved."""
+    kept = []
+    monkeypatch.setattr("lmlab.runs.render.save_figure", lambda fig, path: kept.append(fig))
+    assert main([str(runs), "--plot", str(tmp_path / "p.png"), *args]) == 0
+    return kept[-1]
+
+
+def legend_texts(fig: Any) -> list[str]:
+    (legend,) = fig.legends  # one legend for the figure, below the panels
+    return [t.get_text() for t in legend.get_texts()]
+
+
+def curve_xs(fig: Any) -> list[list[float]]:
+    """The x values of each val/loss line, in the order drawn (the table's)."""
+    return [list(map(float, line.get_xdata())) for line in fig.axes[0].get_lines()]
+
+
+def test_plot_x_axis_tokens_is_steps_times_tokens_per_step(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    # 4 sequences of 8 tokens, 2 batches a step: 64 tokens a step.
+    config = {"data": {"batch_size": 4, "block_size": 8}, "trainer": {"accumulate_grad_batches": 2}}
+    make_run(tmp_path / "a", ["lr=0.1"], loss=1, bpc=1, config=config, curve=[(10, 2), (20, 1)])
+    # Without .hydra/config.yaml, the sizes come from the hparams.yaml the logger writes.
+    b = make_run(tmp_path / "b", ["lr=0.2"], loss=2, bpc=2, curve=[(10, 3), (30, 2)])
+    (b / "hparams.yaml").write_text(yaml.safe_dump({"data": {"batch_size": 2, "block_size": 16}}))
+
+    # Two processes of 4 x 8 tokens a batch (data.batch_size is each process's): 64 a step.
+    two = {"data": {"batch_size": 4, "block_size": 8}, "trainer": {"devices": [0, 1]}}
+    make_run(tmp_path / "c", ["lr=0.3"], loss=3, bpc=3, config=two, curve=[(5, 4)])
+    # `devices: -1` (every GPU there was) does not say how many: left out, with a warning.
+    every = {"data": {"batch_size": 4, "block_size": 8}, "trainer": {"devices": -1}}
+    make_run(tmp_path / "d", ["lr=0.4"], loss=4, bpc=4, config=every, curve=[(5, 5)])
+
+    with caplog.at_level(logging.WARNING, logger="lmlab"):
+        fig = plot_figure(tmp_path, tmp_path, monkeypatch, "--x", "tokens")
+    assert curve_xs(fig) == [[640.0, 1280.0], [320.0, 960.0], [320.0]]
+    assert fig.axes[0].get_xlabel() == "training tokens"
+    assert "left out of the plot: d (tokens per step unknown" in caplog.text
+    # The negative control: by step (the default), the same curves sit at their steps.
+    xs = curve_xs(plot_figure(tmp_path, tmp_path, monkeypatch))
+    assert xs == [[10, 20], [10, 30], [5], [5]]
+
+
+def test_plot_by_tokens_without_sizes_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    make_run(tmp_path / "a", ["lr=0.1"], loss=1.0, bpc=1.4, curve=[(10, 2.0)])
+    assert_refused([str(tmp_path), "--plot", str(tmp_path / "p.png"), "--x", "tokens"])
+    assert "--x tokens needs data.batch_size and data.block_size" in capsys.readouterr().err
+
+
+def test_x_without_plot_is_refused(tmp_path: Path, capsys) -> None:
+    make_run(tmp_path / "a", ["lr=0.1"], loss=1.0, bpc=1.4)
+    assert_refused([str(tmp_path), "--x", "time"])
+    assert "--x time sets the plot's x axis: add --plot" in capsys.readouterr().err
+
+
+def write_timed_curve(run_dir: Path, points: list[tuple[int, float, float]]) -> None:
+    """val/loss points `(step, value, wall_time)`, in an event file opened now."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(run_dir))
+    for step, value, wall_time in points:
+        writer.add_scalar("val/loss", value, step, walltime=wall_time)
+    writer.close()
+
+
+def test_plot_x_axis_time_counts_from_the_runs_first_event(tmp_path: Path, monkeypatch) -> None:
+    import time
+
+    a = make_run(tmp_path / "a", ["lr=0.1"], loss=1.0, bpc=1.0)
+    # Points logged before the file was opened (a set-back clock): the first point is the
+    # first event, so the times are the offsets from it.
+    write_timed_curve(a, [(10, 2.0, 1000.0), (20, 1.5, 1010.0), (30, 1.0, 1030.5)])
+    b = make_run(tmp_path / "b", ["lr=0.2"], loss=2.0, bpc=2.0)
+    opened = time.time()  # the file's first event (its version record) is written when opened
+    write_timed_curve(b, [(10, 3.0, opened + 100.0), (20, 2.5, opened + 160.0)])
+    after = time.time()
+
+    (xs_a, xs_b) = curve_xs(plot_figure(tmp_path, tmp_path, monkeypatch, "--x", "time"))
+    assert xs_a == pytest.approx([0.0, 10.0, 30.5])
+    assert 100.0 - (after - opened) - 0.01 <= xs_b[0] <= 100.0 + 0.01
+    assert xs_b[1] - xs_b[0] == pytest.approx(60.0)

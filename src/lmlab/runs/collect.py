@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -33,6 +34,7 @@ class RunRecord:
     error: str | None
     overrides: dict[str, str] | None  # None: no .hydra/overrides.yaml
     config: dict[str, str]  # flattened config + group choices
+    job: int | None = None  # its job number, when the run is a job of a sweep
 
     def metric_sources(self) -> tuple[dict[str, Any], dict[str, Any]]:
         return self.metrics, self.metrics.get("best") or {}
@@ -48,6 +50,38 @@ class RunRecord:
             return self.overrides[key]
         # An override missing here means the run used the config's value for it.
         return self.config.get(key, "")
+
+    @property
+    def known_settings(self) -> bool:
+        """Whether its settings were read (overrides or config): a run without them cannot be
+        said to differ from another only by seed."""
+        return self.overrides is not None or bool(self.config)
+
+    @property
+    def short_name(self) -> str:
+        """The name with a sweep job's folder cut to its number (`sweep/2_model-gpt` ->
+        `sweep/2`): the rest spells overrides, which the table shows as columns. Whatever the
+        folder name holds after the number (`=`, `-`, `+`, a hash) is not read."""
+        head, _, last = self.name.rpartition("/")
+        if self.job is None or not (last == str(self.job) or last.startswith(f"{self.job}_")):
+            return self.name
+        return f"{head}/{self.job}" if head else str(self.job)
+
+    def tokens_per_step(self) -> float | None:
+        """Training tokens per optimizer step: data.batch_size (each process's batch) x
+        data.block_size x trainer.accumulate_grad_batches x the processes (trainer.devices x
+        trainer.num_nodes), from .hydra/config.yaml, else from the hparams.yaml the TensorBoard
+        logger writes (which has no trainer.devices: one process assumed). None when a size is
+        missing, or the processes are not recorded (`devices: -1`, every GPU there was)."""
+        for settings in (self.config, _flat_yaml(self.path / "hparams.yaml")):
+            batch = _positive(settings.get("data.batch_size"))
+            block = _positive(settings.get("data.block_size"))
+            if batch is not None and block is not None:
+                devices = _device_count(settings.get("trainer.devices"))
+                nodes = _positive(settings.get("trainer.num_nodes")) or 1.0
+                accumulate = _positive(settings.get("trainer.accumulate_grad_batches")) or 1.0
+                return batch * block * accumulate * devices * nodes if devices else None
+        return None
 
 
 def read_metrics(run_dir: Path) -> tuple[dict[str, Any], str, str | None]:
@@ -103,8 +137,24 @@ def collect_runs(dirs: Iterable[str | Path]) -> list[RunRecord]:
     records = []
     for resolved, path in found.items():
         name = resolved.relative_to(base).as_posix()
-        records.append(RunRecord(path, name, *read_metrics(path), *_read_hydra(path / ".hydra")))
+        overrides, config, job = _read_hydra(path / ".hydra")
+        job = job if job is not None else _job_in_sweep_folder(path)
+        records.append(RunRecord(path, name, *read_metrics(path), overrides, config, job))
     return sorted(records, key=lambda r: natural_key(r.name))
+
+
+# What a Hydra sweeper leaves in the sweep folder: the basic sweeper's multirun.yaml (written
+# before the first job), the Optuna sweeper's optimization_results.yaml (after the last).
+SWEEP_FILES = ("multirun.yaml", "optimization_results.yaml")
+
+
+def _job_in_sweep_folder(run_dir: Path) -> int | None:
+    """The job number that starts the folder name of a run in a sweep folder (for runs whose
+    .hydra/hydra.yaml is missing); None for other runs, whose names may start with digits."""
+    match = re.match(r"(\d+)(_|$)", run_dir.name)
+    if match is None or not any((run_dir.parent / f).is_file() for f in SWEEP_FILES):
+        return None
+    return int(match.group(1))
 
 
 def natural_key(name: str) -> list[tuple[int, int | str]]:
@@ -120,24 +170,43 @@ def _load_yaml(path: Path) -> Any:
         return None
 
 
-def _read_hydra(hydra_dir: Path) -> tuple[dict[str, str] | None, dict[str, str]]:
-    """The run's overrides (None without overrides.yaml) and its composed config, flattened to
-    `a.b.c` keys, plus the config-group choices (`model: gpt`) so that a group override can be
-    compared with a run that did not set it."""
-    overrides: dict[str, str] | None = None
-    if (hydra_dir / "overrides.yaml").is_file():
-        overrides = {}
-        items = _load_yaml(hydra_dir / "overrides.yaml")  # None for an empty file
-        for item in items if isinstance(items, list) else []:
-            key, sep, value = str(item).partition("=")
-            if key.startswith("~"):  # `~key` deletes a key from the config
-                value = "(deleted)"
-            elif not sep:
-                continue
-            key = key.lstrip("+~")
-            if not key.startswith("hydra."):  # Hydra's own settings are not experiment settings
-                overrides[key] = _canonical(value)
+def _read_hydra(hydra_dir: Path) -> tuple[dict[str, str] | None, dict[str, str], int | None]:
+    """The run's overrides (None without overrides.yaml), its composed config flattened to
+    `a.b.c` keys plus the config-group choices (`model: gpt`, so that a group override can be
+    compared with a run that did not set it), and its sweep job number (None for a single
+    run), from hydra.yaml."""
+    overrides = _read_overrides(hydra_dir / "overrides.yaml")
+    flat = _flat_yaml(hydra_dir / "config.yaml")
+    hydra_cfg = _load_yaml(hydra_dir / "hydra.yaml")
+    hydra = (hydra_cfg.get("hydra") if isinstance(hydra_cfg, dict) else None) or {}
+    choices = (hydra.get("runtime") or {}).get("choices") or {}
+    flat.update({k: _canonical(v) for k, v in choices.items() if not k.startswith("hydra/")})
+    job = None
+    if str(hydra.get("mode")) == "MULTIRUN":  # a single run has a job number too: always 0
+        job = _whole((hydra.get("job") or {}).get("num"))
+    return overrides, flat, job
 
+
+def _read_overrides(path: Path) -> dict[str, str] | None:
+    """`key=value` lines of overrides.yaml as a dict; Hydra's own settings left out."""
+    if not path.is_file():
+        return None
+    overrides = {}
+    items = _load_yaml(path)  # None for an empty file
+    for item in items if isinstance(items, list) else []:
+        key, sep, value = str(item).partition("=")
+        if key.startswith("~"):  # `~key` deletes a key from the config
+            value = "(deleted)"
+        elif not sep:
+            continue
+        key = key.lstrip("+~")
+        if not key.startswith("hydra."):  # Hydra's own settings are not experiment settings
+            overrides[key] = _canonical(value)
+    return overrides
+
+
+def _flat_yaml(path: Path) -> dict[str, str]:
+    """A YAML mapping flattened to `a.b.c` keys with canonical values; {} without one."""
     flat: dict[str, str] = {}
 
     def flatten(node: dict[str, Any], prefix: str) -> None:
@@ -147,12 +216,39 @@ def _read_hydra(hydra_dir: Path) -> tuple[dict[str, str] | None, dict[str, str]]
             else:
                 flat[f"{prefix}{key}"] = _canonical(value)
 
-    if isinstance(config := _load_yaml(hydra_dir / "config.yaml"), dict):
-        flatten(config, "")
-    if isinstance(hydra_cfg := _load_yaml(hydra_dir / "hydra.yaml"), dict):
-        choices = (hydra_cfg.get("hydra") or {}).get("runtime", {}).get("choices") or {}
-        flat.update({k: _canonical(v) for k, v in choices.items() if not k.startswith("hydra/")})
-    return overrides, flat
+    if isinstance(loaded := _load_yaml(path), dict):
+        flatten(loaded, "")
+    return flat
+
+
+def _whole(value: Any) -> int | None:
+    try:
+        return int(str(value))
+    except ValueError:
+        return None
+
+
+def _device_count(value: str | None) -> float | None:
+    """Processes per node from trainer.devices as Lightning reads it: a count (`2`), device
+    ids (`[0, 1]` or `"0,1"`), absent (the default, 1); None for `-1` or `auto`, whose count
+    depends on the machine."""
+    if value is None:
+        return 1.0
+    with contextlib.suppress(ValueError):
+        ids = json.loads(value)
+        if isinstance(ids, list):
+            return float(len(ids)) or None
+    if "," in value:
+        return float(len([v for v in value.split(",") if v.strip()])) or None
+    return _positive(value)
+
+
+def _positive(value: str | None) -> float | None:
+    try:
+        number = float(value) if value is not None else math.nan
+    except ValueError:
+        return None
+    return number if math.isfinite(number) and number > 0 else None
 
 
 def _canonical(value: Any) -> str:

@@ -3,8 +3,10 @@ runs' training curves (TensorBoard scalars read back, drawn with matplotlib)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import logging
 import math
 import os
 import re
@@ -19,12 +21,24 @@ from rich.text import Text
 
 from lmlab.atomic_write import atomic_write_bytes, atomic_write_text
 from lmlab.errors import LmlabError
-from lmlab.runs.table import SEED_KEY, RunTable, metric_values, table_columns, welch_test
+from lmlab.runs.collect import PROG
+from lmlab.runs.table import (
+    SEED_KEY,
+    RunTable,
+    format_setting,
+    metric_values,
+    table_columns,
+    welch_test,
+)
+
+log = logging.getLogger("lmlab")
 
 SINGLE_SEED_MARK = "*"
 HEADERS = {"num_params": "params", "tokens_per_sec": "tokens/s", "wall_time_sec": "wall time"}
 SAMPLE_TAIL_LINES = 20
 CURVE_TAGS = ("val/loss", "train/loss")
+# What a curve's points can be plotted against, and the axis label of each.
+X_AXES = {"step": "step", "tokens": "training tokens", "time": "seconds since the run's start"}
 
 
 def format_number(key: str, value: float) -> str:
@@ -43,6 +57,8 @@ def format_number(key: str, value: float) -> str:
         minutes, secs = divmod(round(value), 60)
         hours, minutes = divmod(minutes, 60)
         return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+    if 0 < abs(value) < 1e-3:  # four places would show 0.0000: four significant digits
+        return f"{value:.4g}"
     return f"{value:.4f}"
 
 
@@ -52,17 +68,23 @@ def marks_single_seed(rows: Sequence[dict[str, Any]]) -> bool:
     return 1 in sizes and len(sizes) > 1
 
 
-def _grid(rows: Sequence[dict[str, Any]], raw: bool = False) -> tuple[list[str], list[list[Any]]]:
-    """The columns shown and each row's cells: raw values (for CSV), else text with a metric's
+def _grid(table: RunTable, raw: bool = False) -> tuple[list[str], list[list[Any]]]:
+    """The columns shown and each row's cells: raw values (for CSV: full names and settings),
+    else text, with settings rounded (format_setting), sweep jobs by number and a metric's
     `*_std` in the metric's cell (`1.2000 ± 0.0100`)."""
+    rows = table.rows
     columns = [c for c in table_columns(rows) if raw or not c.endswith("_std")]
     mark = marks_single_seed(rows)
 
-    def cell(row: dict[str, Any], key: str) -> Any:
+    def cell(row: dict[str, Any], key: str, names: str) -> Any:
         value, std = row[key], row.get(f"{key}_std")
         if raw:  # counts stay integers ("300", not "300.0"): a mean of integers is a float
             whole = isinstance(value, float) and value.is_integer() and abs(value) < 2**53
             return "" if value is None else int(value) if whole else value
+        if key == "run":
+            return names
+        if key in table.digits:
+            return format_setting(value, table.digits[key]) if value != "" else "-"
         if key == "n" and mark and value == 1 and row["rank"] is not None:
             return f"1{SINGLE_SEED_MARK}"
         if value is None or f"{key}_std" not in row:  # missing, or not a metric
@@ -70,31 +92,37 @@ def _grid(rows: Sequence[dict[str, Any]], raw: bool = False) -> tuple[list[str],
         plain = std is None or (std == 0 and key in ("num_params", "steps"))  # "4.22K ± 0"
         return format_number(key, value) + ("" if plain else f" ± {format_number(key, std)}")
 
-    return columns, [[cell(row, key) for key in columns] for row in rows]
+    pairs = zip(rows, table.groups, strict=True)
+    return columns, [[cell(row, key, group.names) for key in columns] for row, group in pairs]
 
 
-def caption(table: RunTable, n_runs: int) -> str:
+def caption(table: RunTable) -> str:
     order = "higher" if table.higher_is_better else "lower"
     mark = f"; {SINGLE_SEED_MARK} single seed" if marks_single_seed(table.rows) else ""
-    rows = f"{n_runs} runs in {len(table.rows)} rows"
+    rows = f"{plural(table.n_runs, 'run')} in {plural(len(table.rows), 'row')}"
     return f"{rows}, ranked by {table.metric} ({order} is better){mark}"
 
 
-def print_table(rows: Sequence[dict[str, Any]], title: str, console: Console) -> None:
-    columns, cells = _grid(rows)
-    table = Table(caption=title, header_style="bold")
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def print_table(table: RunTable, title: str, console: Console) -> None:
+    columns, cells = _grid(table)
+    table_view = Table(caption=title, header_style="bold")
     for key in columns:
-        numeric = key in ("rank", "n") or f"{key}_std" in rows[0]
+        numeric = key in ("rank", "n") or f"{key}_std" in table.rows[0]
         justify = "right" if numeric else "left"
-        table.add_column(HEADERS.get(key, key), justify=justify, overflow="fold")
+        table_view.add_column(HEADERS.get(key, key), justify=justify, overflow="fold")
     for line in cells:
         # Text cells: run names and errors may contain `[...]`, which is rich markup.
-        table.add_row(*map(Text, line))
-    console.print(table)
+        table_view.add_row(*map(Text, line))
+    console.print(table_view)
 
 
-def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    columns, cells = _grid(rows, raw=True)
+def write_csv(table: RunTable, path: Path) -> None:
+    """The rows with full-precision numbers, settings as given and the runs' full names."""
+    columns, cells = _grid(table, raw=True)
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows([columns, *cells])
     atomic_write_text(path, buffer.getvalue())
@@ -104,7 +132,7 @@ def write_markdown(
     table: RunTable, path: Path, title: str, plot: Path | None, note: str | None
 ) -> None:
     """The report: the table, the significance note, the plot and the best run's samples."""
-    columns, cells = _grid(table.rows)
+    columns, cells = _grid(table)
 
     def line(texts: Iterable[str]) -> str:
         return "| " + " | ".join(t.replace("*", "\\*").replace("|", "\\|") for t in texts) + " |"
@@ -173,6 +201,17 @@ def significance_line(table: RunTable) -> str | None:
 def read_scalars(run_dir: Path, tags: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
     """`(step, value)` points of the given TensorBoard tags, from the run's event files
     (several files, as after a resume, are merged; a later value for a step wins)."""
+    events = read_scalar_events(run_dir, tags)
+    return {tag: [(step, value) for step, _, value in points] for tag, points in events.items()}
+
+
+def read_scalar_events(
+    run_dir: Path, tags: Sequence[str]
+) -> dict[str, list[tuple[int, float, float]]]:
+    """`(step, seconds since the run's first event, value)` points of the given TensorBoard
+    tags, as read_scalars merges them. Events carry their wall-clock time; the first event is
+    the one a logger writes when it opens its file, as training starts (or an earlier point,
+    should a clock have been set back)."""
     # Imported here: only --plot needs tensorboard's reader, and it is slow to import.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -181,19 +220,67 @@ def read_scalars(run_dir: Path, tags: Sequence[str]) -> dict[str, list[tuple[int
         # Other logger settings put event files in a subfolder (e.g. `version_0/`).
         events = run_dir.rglob("events.out.tfevents.*")
         folders = sorted({p.parent for p in events if "checkpoints" not in p.parts})
-    points: dict[str, dict[int, float]] = {tag: {} for tag in tags}
+    points: dict[str, dict[int, tuple[float, float]]] = {tag: {} for tag in tags}
+    start = math.inf
     for folder in folders:
         acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})  # 0: keep every point
         acc.Reload()
+        with contextlib.suppress(ValueError):  # raised for a folder without events
+            start = min(start, acc.FirstEventTimestamp())
         for tag in points.keys() & set(acc.Tags().get("scalars", [])):
-            points[tag].update({e.step: e.value for e in acc.Scalars(tag)})
-    return {tag: sorted(p.items()) for tag, p in points.items() if p}
+            points[tag].update({e.step: (e.wall_time, e.value) for e in acc.Scalars(tag)})
+    start = min([start, *(time for p in points.values() for time, _ in p.values())])
+    return {
+        tag: [(step, time - start, value) for step, (time, value) in sorted(p.items())]
+        for tag, p in points.items()
+        if p
+    }
 
 
-def plot_curves(table: RunTable, path: Path) -> None:
-    """val/loss (and train/loss, when logged) against step; one colour and one legend entry
-    per row (a row: runs that differ only by seed)."""
-    curves = [[read_scalars(run.path, CURVE_TAGS) for run in g.runs] for g in table.groups]
+def curve_x(
+    points: Sequence[tuple[int, float, float]], x: str, tokens_per_step: float | None
+) -> list[float]:
+    """The points' positions on the x axis: step, tokens trained (step x tokens per step) or
+    seconds since the run's first event."""
+    if x == "tokens":
+        if tokens_per_step is None:
+            raise ValueError("tokens need the run's tokens per step")
+        return [step * tokens_per_step for step, _, _ in points]
+    return [float(seconds if x == "time" else step) for step, seconds, _ in points]
+
+
+def tokens_per_step(table: RunTable, x: str) -> dict[Path, float | None]:
+    """Each run's tokens per step for `--x tokens` (warning about runs without one, which are
+    left out of the plot), else {}."""
+    if x != "tokens":
+        return {}
+    sizes = {run.path: run.tokens_per_step() for g in table.groups for run in g.runs}
+    missing = [run.name for g in table.groups for run in g.runs if sizes[run.path] is None]
+    if len(missing) == len(sizes):
+        raise LmlabError(
+            "--x tokens needs data.batch_size and data.block_size (and a trainer.devices "
+            "count, not -1), read from each run's .hydra/config.yaml or hparams.yaml; no run "
+            "has them: use --x step or --x time"
+        )
+    if missing:
+        log.warning(
+            "%s: left out of the plot: %s (tokens per step unknown: no data.batch_size and "
+            "data.block_size, or trainer.devices=-1)",
+            PROG,
+            ", ".join(missing),
+        )
+    return sizes
+
+
+def plot_curves(table: RunTable, path: Path, x: str = "step") -> None:
+    """val/loss (and train/loss, when logged) against step, tokens or time (`x`); one colour
+    and one legend entry per row (a row: runs that differ only by seed), in one legend below
+    the panels, where long labels (a search's settings) do not squash them. Rows that are not
+    ranked (failed, pruned) are dotted."""
+    if x not in X_AXES:
+        raise LmlabError(f"unknown x axis {x!r}; use one of: {', '.join(X_AXES)}")
+    sizes = tokens_per_step(table, x)
+    curves = [[read_scalar_events(run.path, CURVE_TAGS) for run in g.runs] for g in table.groups]
     logged = {tag for per_group in curves for c in per_group for tag in c}
     if "val/loss" not in logged:
         raise LmlabError(
@@ -201,20 +288,65 @@ def plot_curves(table: RunTable, path: Path) -> None:
             "(events.out.tfevents.*) are written with logger=tensorboard; drop --plot"
         )
     panels = [t for t in CURVE_TAGS if t in logged]
-    fig = new_figure(6 * len(panels), 4.5)
+    labels = [group.legend for group in table.groups]
+    fig, columns = legend_figure(len(panels), labels)
+    colors = group_colors(len(table.groups))
+    handles: dict[int, Any] = {}  # one legend entry per row: its first line
     for ax, tag in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
         for index, (per_group, group) in enumerate(zip(curves, table.groups, strict=True)):
-            label = group.label + (f" (n={len(group.runs)})" if len(group.runs) > 1 else "")
-            for points in (c[tag] for c in per_group if c.get(tag)):
-                steps, values = zip(*points, strict=True)
-                marker = "o" if len(steps) < 30 else None  # one validation is still a point
-                color = f"C{index % 10}"
-                ax.plot(steps, values, color=color, marker=marker, markersize=3, label=label)
-                label = None  # one legend entry per row
-        ax.set(xlabel="step", ylabel=tag, title=tag)
+            for run, run_curves in zip(group.runs, per_group, strict=True):
+                if not run_curves.get(tag) or (x == "tokens" and sizes[run.path] is None):
+                    continue
+                points = run_curves[tag]
+                xs, values = curve_x(points, x, sizes.get(run.path)), [v for *_, v in points]
+                marker = "o" if len(xs) < 30 else None  # one validation is still a point
+                style = "-" if group.ranked else ":"
+                (line,) = ax.plot(
+                    xs, values, color=colors[index], linestyle=style, marker=marker, markersize=3
+                )
+                handles.setdefault(index, line)
+        ax.set(xlabel=X_AXES[x], ylabel=tag, title=tag)
+        if x == "tokens":  # 400k, 1.2M: not 1200000 under every tick
+            from matplotlib.ticker import EngFormatter
+
+            ax.xaxis.set_major_formatter(EngFormatter())
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+    order = sorted(handles)
+    fig.legend(
+        [handles[i] for i in order],
+        [labels[i] for i in order],
+        loc="outside lower center",
+        ncols=columns,
+        fontsize="small",
+        frameon=False,
+    )
     save_figure(fig, path)
+
+
+# Characters of a small legend label per inch of figure width (about 8-point text).
+LEGEND_CHARS_PER_INCH = 14
+
+
+def legend_figure(panels: int, labels: Sequence[str]) -> tuple[Any, int]:
+    """A figure for `panels` side by side with room below for a legend of `labels`, and the
+    legend's number of columns: as many as fit the width, which grows for a long label."""
+    widest = max(map(len, labels), default=0) + 6  # the line sample and the gap
+    width = max(6.0 * panels, widest / LEGEND_CHARS_PER_INCH)
+    columns = max(1, min(len(labels), int(width * LEGEND_CHARS_PER_INCH // widest)))
+    rows = math.ceil(len(labels) / columns)
+    return new_figure(width, 4.5 + 0.22 * rows), columns
+
+
+def group_colors(n: int) -> list[Any]:
+    """A distinct colour per row: tab10 or tab20 while they suffice (a search has 20 trials
+    or more), else evenly spaced along viridis."""
+    from matplotlib import colormaps
+
+    if n <= 20:
+        cmap = colormaps["tab10" if n <= 10 else "tab20"]
+        return [cmap(i) for i in range(n)]
+    cmap = colormaps["viridis"]
+    return [cmap(i / (n - 1)) for i in range(n)]
 
 
 def new_figure(width: float, height: float) -> Any:
