@@ -17,6 +17,7 @@ from torch import nn
 
 from lmlab.data.tokenizers import CharTokenizer, TiktokenTokenizer
 from lmlab.embeddings import (
+    IMAGE_TAG,
     PLOT_NAME,
     TAG,
     EmbeddingProjector,
@@ -155,7 +156,7 @@ def test_a_run_leaves_the_picture_and_projector_files(tiny_train_cfg, model, wid
 
     events = EventAccumulator(str(run))
     events.Reload()
-    assert TAG in events.Tags()["images"]
+    assert IMAGE_TAG in events.Tags()["images"]
 
 
 def test_a_model_without_token_embeddings_is_reported_not_fatal(tmp_path: Path, caplog):

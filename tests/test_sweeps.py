@@ -24,7 +24,7 @@ from tensorboard.plugins.hparams import metadata
 
 from lmlab.callbacks import record_failure
 from lmlab.errors import LmlabError
-from lmlab.hparams_tab import flat_hparams, run_hparams
+from lmlab.hparams_tab import flat_hparams, run_hparams, session_hparams
 from lmlab.runs.collect import collect_runs
 from lmlab.runs.sweeps import (
     MAX_DIRNAME_BYTES,
@@ -245,7 +245,8 @@ def test_hparams_are_logged_with_the_best_metrics(tiny_train_cfg):
     assert start.hparams["model/optimizer/lr"].number_value == 0.01
     assert start.hparams["data/block_size"].number_value == 16  # a number, not "16"
     assert start.hparams["model/optimizer/betas/1"].number_value == 0.999  # a list's items
-    assert start.hparams["model/name"].string_value == "bigram"
+    assert start.hparams["model"].string_value == "bigram"  # sorts before model/...
+    assert "model/name" not in start.hparams
     assert "trainer/gradient_clip_val" not in start.hparams  # null: no "None" column
     assert start.group_name == Path(cfg.paths.output_dir).name.rsplit("_", 1)[-1]
     logged = yaml.safe_load((Path(cfg.paths.output_dir) / "hparams.yaml").read_text())
@@ -262,6 +263,28 @@ def test_scalars_are_at_steps_done_with_no_epoch_scalar(tiny_train_cfg):
     assert [e.step for e in events.Scalars("val/loss")] == [0, 10, 20]
     assert [e.step for e in events.Scalars("train/loss")] == [5, 10, 15, 20]
     assert "epoch" not in events.Tags()["scalars"]
+
+
+def test_session_hparams_put_the_model_and_its_architecture_first():
+    params = {
+        "model": {
+            "name": "gpt",
+            "n_layer": 4,
+            "n_embd": 128,
+            "bias": False,
+            "dropout": None,
+            "block_size": 64,
+            "optimizer": {"lr": 1e-3},
+        },
+        "seed": 1,
+    }
+    columns = session_hparams(params)
+    assert list(columns)[:2] == ["model", "model/arch"]
+    assert columns["model"] == "gpt"
+    assert columns["model/arch"] == "n_layer=4 n_embd=128 bias=False"  # null left out
+    assert columns["model/optimizer/lr"] == 1e-3 and columns["seed"] == 1
+    # TensorBoard's first columns are the differing ones by name: these two sort first
+    assert sorted(columns)[:2] == ["model", "model/arch"]
 
 
 def test_flat_hparams_keep_native_types():

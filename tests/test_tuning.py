@@ -41,8 +41,8 @@ def test_lr_find_saves_its_plot_and_trains_at_the_suggestion(tiny_train_cfg):
     # the same plot in TensorBoard, as an image beside the run's scalars
     events = EventAccumulator(str(run))
     events.Reload()
-    assert "lr_find" in events.Tags()["images"]
-    (image,) = events.Images("lr_find")
+    assert "visual/lr_find" in events.Tags()["images"]
+    (image,) = events.Images("visual/lr_find")
     assert image.step == 0 and image.encoded_image_string[:8] == PNG_MAGIC
 
     found = json.loads((run / "metrics.json").read_text())["lr_find"]
@@ -198,4 +198,4 @@ def test_plot_goes_to_each_logger_that_takes_figures():
     csv_like = SimpleNamespace(experiment=SimpleNamespace())
     fig = object()
     send_plot(fig, [csv_like, tensorboard_like])
-    assert figures == [(("lr_find", fig), {"global_step": 0, "close": False})]
+    assert figures == [(("visual/lr_find", fig), {"global_step": 0, "close": False})]

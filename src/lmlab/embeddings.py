@@ -21,7 +21,9 @@ from lmlab.models import GPT, BengioMLP, BigramLM
 log = logging.getLogger("lmlab")
 
 PLOT_NAME = "embeddings.png"
-TAG = "token_embedding"  # the Projector's tag, and the Images tab's
+TAG = "token_embedding"  # the Projector's tag
+# The Images tab's: a group that sorts after train/ and val/, which Time Series opens on first
+IMAGE_TAG = "visual/token_embedding"
 # Token counts that pick the most frequent tokens are read from at most this many tokens of
 # the training stream: ~16M ids, a fraction of a second, however large the corpus.
 FREQUENCY_SAMPLE = 1 << 24
@@ -211,5 +213,5 @@ class EmbeddingProjector(L.Callback):
             save_figure(fig, self.path)
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_figure(TAG, fig, global_step=step, close=False)
+                    logger.experiment.add_figure(IMAGE_TAG, fig, global_step=step, close=False)
         log.info("embeddings: drew %s; the matrix is in TensorBoard's Projector tab", self.path)

@@ -71,6 +71,26 @@ def flat_hparams(params: dict[str, Any], prefix: str = "") -> dict[str, bool | f
     return flat
 
 
+# Keys of a model config that are not its architecture.
+NOT_ARCHITECTURE = ("name", "block_size", "compile", "optimizer", "scheduler")
+
+
+def session_hparams(params: dict[str, Any]) -> dict[str, bool | float | str]:
+    """The HParams tab's columns. TensorBoard shows the first five of them without ticking
+    anything: those that differ between runs, by name. So the model's name is `model` (before
+    any `model/...`) and `model/arch` sums up its own keys (`n_layer=4 n_head=4 n_embd=128`):
+    a sweep over models shows each model's architecture in one column, next to its name."""
+    flat = flat_hparams(params)
+    model = params.get("model") or {}
+    columns: dict[str, bool | float | str] = {}
+    if "model/name" in flat:
+        columns["model"] = flat.pop("model/name")
+    own = [f"{k}={v}" for k, v in model.items() if k not in NOT_ARCHITECTURE and v is not None]
+    if own:
+        columns["model/arch"] = " ".join(own)
+    return {**columns, **flat}
+
+
 def best_metrics(summary: dict[str, Any]) -> dict[str, float]:
     """The run's best validation figures under their own tags (finite values only)."""
     best = summary.get("best") or {}
@@ -109,7 +129,7 @@ def log_final_hparams(
     if not metrics:
         return
     start = plugin_data_pb2.SessionStartInfo(group_name=trial_name(output_dir))
-    for name, value in flat_hparams(params).items():
+    for name, value in session_hparams(params).items():
         field = {bool: "bool_value", str: "string_value"}.get(type(value), "number_value")
         setattr(start.hparams[name], field, value)
     end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS)

@@ -33,7 +33,8 @@ from lightning.pytorch.callbacks import LearningRateFinder
 log = logging.getLogger("lmlab")
 
 PLOT_NAME = "lr_find.png"
-TENSORBOARD_TAG = "lr_find"
+# a group that sorts after train/ and val/, which Time Series opens on first
+TENSORBOARD_TAG = "visual/lr_find"
 # Lightning's smoothing factor (its `_LRCallback` default): the average forgets 2% a step.
 BETA = 0.98
 # Lightning's `suggestion()` defaults: the first points are mostly noise around the start
