@@ -46,7 +46,9 @@ class LitLanguageModel(L.LightningModule):
         data_config: dict[str, Any] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        # in checkpoints, not in the loggers: they get the comparable keys of run_hparams
+        # (lmlab.hparams_tab), not the tokenizer's characters and data fingerprints
+        self.save_hyperparameters(logger=False)
         self.model = build_model(model_name, **model_hparams)
         if compile:
             self.model.compile()  # in place: state_dict keys stay those of the plain model
