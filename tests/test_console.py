@@ -543,3 +543,18 @@ def test_a_run_in_a_file_is_calm_and_keeps_its_progress(tmp_path: Path, tiny_cor
     log = (run / "train.log").read_text()
     assert [int(n) for n in re.findall(r"step (\d+)/20: ", log)] == list(range(2, 21, 2))
     assert "trained 20 steps" in log
+
+
+def test_the_checkpoint_directory_warning_of_a_resume_in_place_is_filtered(quiet):
+    text = "Checkpoint directory /runs/a/checkpoints exists and is not empty."
+
+    def emit() -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            module = "lightning.pytorch.callbacks.model_checkpoint"
+            warnings.warn_explicit(text, UserWarning, "model_checkpoint.py", 1, module)
+            warnings.warn_explicit(text, UserWarning, "mine.py", 1, "lmlab.mine")
+        return [str(w.message) for w in caught]
+
+    assert emit() == [text, text]  # the control
+    quiet_third_party()
+    assert emit() == [text]  # only Lightning's is filtered

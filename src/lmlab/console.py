@@ -441,6 +441,12 @@ _WARNING_NOISE: tuple[tuple[str, type[Warning], str], ...] = (
         FutureWarning,
         r"lightning\.fabric\.utilities\.cloud_io",
     ),
+    # a run resumed in its own directory (lmlab.runs.resume) finds its checkpoints there
+    (
+        r"Checkpoint directory .* exists and is not empty",
+        Warning,
+        r"lightning\.pytorch\.callbacks\.model_checkpoint",
+    ),
 )
 
 
