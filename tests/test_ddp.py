@@ -72,4 +72,6 @@ def test_ddp_cpu_trains_two_processes_into_one_run_directory(tiny_corpus: Path, 
     assert torch.isfinite(torch.tensor(summary["val/loss"]))
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "train_process_1.log").is_file()  # the second process ran, in this dir
-    assert result.stdout.count("run directory:") == 1  # printed once, by rank zero
+    # printed by rank zero only: at the start (with the tensorboard command) and at the end
+    assert result.stdout.count("run directory:") == 2
+    assert result.stdout.count("tensorboard --logdir") == 1

@@ -363,8 +363,8 @@ def test_optuna_search_finishes_and_reports_the_best_parameters(tmp_path: Path, 
     assert len(jobs) == 2
     # named by the searched parameters only, floats shortened
     assert re.fullmatch(
-        r"0_model.optimizer.lr=[0-9.e-]+,model.n_embd=(16|32),model.n_layer=[12],"
-        r"model.dropout=[0-9.e-]+",
+        r"0_model.optimizer.lr-[0-9.e-]+\+model.n_embd-(16|32)\+model.n_layer-[12]\+"
+        r"model.dropout-[0-9.e-]+",
         jobs[0].name,
     )
     values = [json.loads((j / "metrics.json").read_text())["val/bpc"] for j in jobs]
@@ -391,7 +391,7 @@ def test_a_failed_trial_does_not_stop_the_optuna_search(tmp_path: Path, tiny_cor
         json.loads((j / "metrics.json").read_text())["status"]: j.name for j in job_dirs(sweep)
     }
     assert set(statuses) == {"failed", "completed"}  # the seeded TPE tries both widths
-    assert "model.n_embd=16" in statuses["failed"]
+    assert "model.n_embd-16" in statuses["failed"]
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert results["best_params"]["model.n_embd"] == 24
 
