@@ -668,6 +668,21 @@ def fault_rows(tmp: Path) -> list[Row]:
         )
         return None
 
+    def killed_row(signum: signal.Signals, cache: Path) -> Row:
+        """Not a refusal: the next run cleans up after the one killed while tokenizing."""
+        name = signal.Signals(signum).name
+        return Row(
+            f"{name} while tokenizing: the next run removes the leftover",
+            "lmlab-train",
+            [*quick, f"hydra.run.dir={tmp}/after_{name.lower()}"],
+            env={"LMLAB_CACHE_DIR": str(cache)},
+            expect=removed,
+            status=0,
+            stream="stdout",
+            prepare=killed_while_tokenizing(signum, cache),
+            check=no_temporaries(cache),
+        )
+
     run_dir = f"hydra.run.dir={tmp}/ckpt_leftover"
     int_cache, kill_cache, term_cache = (tmp / n for n in ("cache_int", "cache_kill", "cache_term"))
     removed = "left by a run that did not finish"
@@ -714,28 +729,8 @@ def fault_rows(tmp: Path) -> list[Row]:
             interrupt=Interrupt(signal.SIGINT, lambda: bool(temporaries(int_cache))),
             check=no_temporaries(int_cache),
         ),
-        Row(  # not a refusal: the next run cleans up after the killed one
-            "SIGKILL while tokenizing: the next run removes the leftover",
-            "lmlab-train",
-            [*quick, f"hydra.run.dir={tmp}/after_kill"],
-            env={"LMLAB_CACHE_DIR": str(kill_cache)},
-            expect=removed,
-            status=0,
-            stream="stdout",
-            prepare=killed_while_tokenizing(signal.SIGKILL, kill_cache),
-            check=no_temporaries(kill_cache),
-        ),
-        Row(  # not a refusal: as SIGKILL
-            "SIGTERM while tokenizing: the next run removes the leftover",
-            "lmlab-train",
-            [*quick, f"hydra.run.dir={tmp}/after_term"],
-            env={"LMLAB_CACHE_DIR": str(term_cache)},
-            expect=removed,
-            status=0,
-            stream="stdout",
-            prepare=killed_while_tokenizing(signal.SIGTERM, term_cache),
-            check=no_temporaries(term_cache),
-        ),
+        killed_row(signal.SIGKILL, kill_cache),
+        killed_row(signal.SIGTERM, term_cache),
         Row(  # not a refusal: the resumed run removes the killed save's temporary file
             "checkpoint save killed half-way: the next save removes the leftover",
             "lmlab-train",
