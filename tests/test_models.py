@@ -20,6 +20,7 @@ V, T, B = 13, 8, 4
 TINY = {
     "bigram": {},
     "mlp": {"context": 3, "n_embd": 8, "n_hidden": 32, "boundary_id": 0},
+    "bow": {"n_embd": 8, "n_hidden": 32},
     "gpt": {"n_layer": 2, "n_head": 2, "n_embd": 32},
 }
 

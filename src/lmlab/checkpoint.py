@@ -169,6 +169,9 @@ def _parameter_estimate(name: str, v: dict[str, Any]) -> float:
     if name == "mlp":
         embd, hidden = v.get("n_embd", 10), v.get("n_hidden", 200)
         return vocab * embd + v.get("context", 3) * embd * hidden + hidden * vocab
+    if name == "bow":
+        embd, hidden = v.get("n_embd", 64), v.get("n_hidden", 256)
+        return (vocab + v["block_size"]) * embd + 2 * embd * hidden + hidden * vocab
     if name == "bigram" and vocab > (v.get("max_full_vocab") or 8192):
         return 2.0 * vocab * (v.get("rank") or 256)
     return float(vocab) * vocab

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
-from lmlab.models import GPT, BengioMLP, BigramLM
+from lmlab.models import GPT, BagOfWords, BengioMLP, BigramLM
 
 log = logging.getLogger("lmlab")
 
@@ -41,7 +41,7 @@ def token_embedding(model: nn.Module) -> torch.Tensor | None:
     tokens and scores them."""
     if isinstance(model, BigramLM):
         return model.token_embedding_table.weight
-    if isinstance(model, BengioMLP):
+    if isinstance(model, (BengioMLP, BagOfWords)):
         return model.wte.weight
     if isinstance(model, GPT):
         return model.transformer.wte.weight

@@ -10,16 +10,20 @@ from torch import nn
 
 from lmlab.errors import LmlabError
 from lmlab.models.bigram import BigramConfig, BigramLM
+from lmlab.models.bow import BagOfWords, BOWConfig
+from lmlab.models.bow import too_long_message as bow_too_long_message
 from lmlab.models.gpt import GPT, GPTConfig, KVCache, too_long_message
 from lmlab.models.mlp import BengioMLP, MLPConfig
 
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "bigram": (BigramConfig, BigramLM),
     "mlp": (MLPConfig, BengioMLP),
+    "bow": (BOWConfig, BagOfWords),
     "gpt": (GPTConfig, GPT),
 }
 
-__all__ = ["GPT", "BengioMLP", "MODELS", "BigramConfig", "BigramLM", "GPTConfig", "KVCache"]
+__all__ = ["GPT", "BOWConfig", "BagOfWords", "BengioMLP", "MODELS", "BigramConfig", "BigramLM"]
+__all__ += ["GPTConfig", "KVCache"]
 __all__ += ["MLPConfig", "build_model", "check_block_size", "hyperparameter_names"]
 
 
@@ -41,9 +45,11 @@ def build_model(name: str, **hparams: Any) -> nn.Module:
 
 
 def check_block_size(model: nn.Module, block_size: int) -> None:
-    """An LmlabError when windows of `block_size` tokens outgrow the GPT's position table (the
-    bigram and the MLP read any length: their block_size only crops generation contexts)."""
+    """An LmlabError when windows of `block_size` tokens outgrow the position table of the GPT
+    or the bag of words (the bigram and the MLP read any length: their block_size only crops
+    generation contexts)."""
+    what = f"data.block_size ({block_size})"
     if isinstance(model, GPT) and block_size > model.config.block_size:
-        raise LmlabError(
-            too_long_message(f"data.block_size ({block_size})", block_size, model.config.block_size)
-        )
+        raise LmlabError(too_long_message(what, block_size, model.config.block_size))
+    if isinstance(model, BagOfWords) and block_size > model.config.block_size:
+        raise LmlabError(bow_too_long_message(what, block_size, model.config.block_size))
