@@ -26,7 +26,7 @@ from lmlab.checkpoint import (
 )
 from lmlab.data.corpus import check_corpus_file
 from lmlab.errors import LmlabError
-from lmlab.models import build_model
+from lmlab.models import MODELS, build_model
 
 
 def good_checkpoint() -> dict:
@@ -179,7 +179,7 @@ BAD_HPARAMS = {
     ),
     "unknown model": (
         lambda h: h.update(model_name="transformer9000"),
-        "model_name is 'transformer9000', not one of lmlab's models ['bigram', 'gpt', 'mlp']",
+        f"model_name is 'transformer9000', not one of lmlab's models {sorted(MODELS)}",
     ),
     "hparams not a dict": (
         lambda h: h.update(model_hparams="lots"),
