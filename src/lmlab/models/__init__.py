@@ -11,7 +11,6 @@ from torch import nn
 from lmlab.errors import LmlabError
 from lmlab.models.bigram import BigramConfig, BigramLM
 from lmlab.models.bow import BagOfWords, BOWConfig
-from lmlab.models.bow import too_long_message as bow_too_long_message
 from lmlab.models.gpt import GPT, GPTConfig, KVCache, too_long_message
 from lmlab.models.mlp import BengioMLP, MLPConfig
 
@@ -48,8 +47,8 @@ def check_block_size(model: nn.Module, block_size: int) -> None:
     """An LmlabError when windows of `block_size` tokens outgrow the position table of the GPT
     or the bag of words (the bigram and the MLP read any length: their block_size only crops
     generation contexts)."""
-    what = f"data.block_size ({block_size})"
-    if isinstance(model, GPT) and block_size > model.config.block_size:
-        raise LmlabError(too_long_message(what, block_size, model.config.block_size))
-    if isinstance(model, BagOfWords) and block_size > model.config.block_size:
-        raise LmlabError(bow_too_long_message(what, block_size, model.config.block_size))
+    names = {GPT: "GPT's", BagOfWords: "bag-of-words model's"}
+    name = names.get(type(model))
+    if name is not None and block_size > model.config.block_size:
+        what = f"data.block_size ({block_size})"
+        raise LmlabError(too_long_message(what, block_size, model.config.block_size, name))

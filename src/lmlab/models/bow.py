@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lmlab.errors import LmlabError, require_positive
+from lmlab.models.gpt import too_long_message as gpt_too_long_message
 
 
 @dataclass
@@ -33,12 +34,7 @@ class BOWConfig:
 
 
 def too_long_message(what: str, length: int, block_size: int) -> str:
-    """What to do when `what` (`length` tokens) meets a position table of `block_size`."""
-    return (
-        f"{what} is longer than model.block_size ({block_size}), the length of the bag-of-words "
-        f"model's position table; set data.block_size={block_size} or less, or "
-        f"model.block_size={length} or more (by default it follows data.block_size)"
-    )
+    return gpt_too_long_message(what, length, block_size, model="bag-of-words model's")
 
 
 def uniform_causal_weights(

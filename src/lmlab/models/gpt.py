@@ -37,10 +37,11 @@ class GPTConfig:
             raise LmlabError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
 
-def too_long_message(what: str, length: int, block_size: int) -> str:
-    """What to do when `what` (`length` tokens) meets a position table of `block_size`."""
+def too_long_message(what: str, length: int, block_size: int, model: str = "GPT's") -> str:
+    """What to do when `what` (`length` tokens) meets `model`'s position table of
+    `block_size`."""
     return (
-        f"{what} is longer than model.block_size ({block_size}), the length of the GPT's "
+        f"{what} is longer than model.block_size ({block_size}), the length of the {model} "
         f"position table; set data.block_size={block_size} or less, or "
         f"model.block_size={length} or more (by default it follows data.block_size)"
     )
