@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import email.message
+import hashlib
 import io
 import json
+import lzma
 import re
 from pathlib import Path
 
@@ -10,7 +12,14 @@ import pytest
 import torch.hub
 from conftest import data_dir, needs_corpus
 
-from lmlab.data.corpus import BUILTIN_CORPORA, QUOTINGS, locate_builtin, read_documents
+from lmlab.data import corpus as corpus_module
+from lmlab.data.corpus import (
+    BUILTIN_CORPORA,
+    QUOTINGS,
+    locate_builtin,
+    read_documents,
+    shipped_copy,
+)
 from lmlab.data.tokenization import read_text_chunks
 from lmlab.errors import LmlabError
 
@@ -317,8 +326,51 @@ def serve(monkeypatch, respond) -> list[str]:
     return requested
 
 
+@pytest.fixture
+def not_shipped(monkeypatch):
+    """Every built-in corpus taken for one that does not ship in the package: downloaded."""
+    monkeypatch.setattr(corpus_module, "shipped_copy", lambda corpus: None)
+
+
+def test_every_shipped_corpus_is_the_published_one():
+    """The package's xz copies decompress to the bytes whose SHA-256 the table publishes."""
+    for corpus in BUILTIN_CORPORA.values():
+        shipped = shipped_copy(corpus)
+        assert shipped is not None, f"{corpus.filename} does not ship"
+        data = lzma.decompress(shipped.read_bytes())
+        assert hashlib.sha256(data).hexdigest() == corpus.sha256
+
+
+@needs_corpus("names.txt")
+def test_shipped_corpus_is_extracted_without_the_network(tmp_path: Path, monkeypatch):
+    def refuse(url):
+        raise OSError("network unreachable")
+
+    requested = serve(monkeypatch, refuse)
+    path = locate_builtin("names", tmp_path / "fresh")
+    assert requested == []  # nothing was downloaded
+    assert path.read_bytes() == (data_dir() / "names.txt").read_bytes()
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left beside it
+
+
+def test_a_damaged_shipped_copy_is_refused_and_nothing_written(tmp_path: Path, monkeypatch):
+    damaged = tmp_path / "names.txt.xz"
+    damaged.write_bytes(lzma.compress(b"emma\nolivia\n"))  # valid xz, not the corpus
+    monkeypatch.setattr(corpus_module, "shipped_copy", lambda corpus: damaged)
+    expected = BUILTIN_CORPORA["names"].sha256
+    with pytest.raises(LmlabError, match=f"expected {expected}.*reinstall lmlab"):
+        locate_builtin("names", tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+    damaged.write_bytes(b"not xz at all")
+    with pytest.raises(LmlabError, match="shipped with lmlab .* cannot be read"):
+        locate_builtin("names", tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+
+
 @needs_corpus("the-verdict.txt")
-def test_missing_builtin_corpus_is_downloaded_and_verified(tmp_path: Path, monkeypatch):
+def test_missing_builtin_corpus_is_downloaded_and_verified(
+    tmp_path: Path, monkeypatch, not_shipped
+):
     payload = (data_dir() / "the-verdict.txt").read_bytes()
     requested = serve(monkeypatch, lambda url: FakeResponse(payload))
     path = locate_builtin("verdict", tmp_path / "fresh")
@@ -327,7 +379,7 @@ def test_missing_builtin_corpus_is_downloaded_and_verified(tmp_path: Path, monke
     assert list(path.parent.iterdir()) == [path]  # no temporary file left beside it
 
 
-def test_failed_download_leaves_no_partial_file(tmp_path: Path, monkeypatch):
+def test_failed_download_leaves_no_partial_file(tmp_path: Path, monkeypatch, not_shipped):
     def refuse(url):
         raise OSError("network unreachable")
 
@@ -337,7 +389,9 @@ def test_failed_download_leaves_no_partial_file(tmp_path: Path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_download_that_is_not_the_corpus_is_refused_and_not_kept(tmp_path: Path, monkeypatch):
+def test_a_download_that_is_not_the_corpus_is_refused_and_not_kept(
+    tmp_path: Path, monkeypatch, not_shipped
+):
     serve(monkeypatch, lambda url: FakeResponse(b"<html>rate limited</html>"))
     expected = BUILTIN_CORPORA["names"].sha256
     with pytest.raises(LmlabError, match=f"has SHA-256 [0-9a-f]{{64}}, expected {expected}"):

@@ -1,6 +1,7 @@
 """Reading a corpus file (plain text, a TSV/CSV column or a JSONL field; the built-in corpora
-downloaded once and checked against their SHA-256) and splitting its documents into train /
-val / test before any tokenizer, so that every tokenizer is scored on the same characters.
+extracted from the package or downloaded once, and checked against their SHA-256) and splitting
+its documents into train / val / test before any tokenizer, so that every tokenizer is scored on
+the same characters.
 Every error names the file, the line and the setting that fixes it."""
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def sha256_of(path: Path) -> str:
 
 
 def locate_builtin(name: str, data_dir: str | Path) -> Path:
-    """The path of a built-in corpus in `data_dir`, downloaded if it is not there."""
+    """The path of a built-in corpus in `data_dir`; if it is not there, extracted from the copy
+    shipped in the package (lmlab.corpora) or, for a corpus not shipped, downloaded."""
     if name not in BUILTIN_CORPORA:
         raise LmlabError(
             f"unknown built-in corpus {name!r}; choose one of {sorted(BUILTIN_CORPORA)} "
@@ -71,6 +73,8 @@ def locate_builtin(name: str, data_dir: str | Path) -> Path:
         )
     corpus = BUILTIN_CORPORA[name]
     path = Path(data_dir).expanduser() / corpus.filename
+    if not path.exists() and (shipped := shipped_copy(corpus)) is not None:
+        _extract(shipped, path, corpus)
     if not path.exists():  # through a file beside it, renamed once its SHA-256 matches
         import torch.hub
 
@@ -91,6 +95,41 @@ def locate_builtin(name: str, data_dir: str | Path) -> Path:
     if actual != corpus.sha256:
         raise _not_the_corpus(str(path), actual, corpus, "delete it so that it is downloaded again")
     return path
+
+
+def shipped_copy(corpus: BuiltinCorpus) -> Path | None:
+    """The xz-compressed copy of `corpus` inside the package, if it is one that ships."""
+    from importlib.resources import files
+
+    shipped = Path(str(files("lmlab.corpora") / f"{corpus.filename}.xz"))
+    return shipped if shipped.is_file() else None
+
+
+def _extract(shipped: Path, path: Path, corpus: BuiltinCorpus) -> None:
+    """Decompress `shipped` to `path` through a temporary file beside it, renamed only once
+    its SHA-256 is the published one: a full disk or a damaged package leaves nothing."""
+    import lzma
+
+    from lmlab.atomic_write import atomic_write_bytes
+
+    try:
+        data = lzma.decompress(shipped.read_bytes())
+    except (OSError, lzma.LZMAError) as err:
+        raise LmlabError(
+            f"the copy of {corpus.filename} shipped with lmlab ({shipped}) cannot be read "
+            f"({err}); reinstall lmlab, or put the corpus in {path.parent} yourself"
+        ) from None
+    if (actual := hashlib.sha256(data).hexdigest()) != corpus.sha256:
+        raise _not_the_corpus(str(shipped), actual, corpus, "reinstall lmlab")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, lambda f: f.write(data), len(data))
+    except OSError as err:
+        raise LmlabError(
+            f"cannot write {path} (the corpus {corpus.filename}, extracted from the copy "
+            f"shipped with lmlab): {err.strerror or err}; set paths.data_dir (or "
+            "$LMLAB_DATA_DIR) to a directory you can write"
+        ) from None
 
 
 def _not_the_corpus(what: str, actual: str, corpus: BuiltinCorpus, remedy: str) -> LmlabError:
