@@ -441,6 +441,13 @@ _WARNING_NOISE: tuple[tuple[str, type[Warning], str], ...] = (
         FutureWarning,
         r"lightning\.fabric\.utilities\.cloud_io",
     ),
+    # on a machine with SLURM installed (a cluster's login node), every run outside a job: lmlab
+    # submits jobs through hydra/launcher=slurm, where srun starts the ranks itself
+    (
+        r"The `srun` command is available on your system but is not used",
+        Warning,
+        r"lightning\.fabric\.plugins\.environments\.slurm",
+    ),
     # a run resumed in its own directory (lmlab.runs.resume) finds its checkpoints there
     (
         r"Checkpoint directory .* exists and is not empty",

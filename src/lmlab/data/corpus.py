@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import re
 import unicodedata
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import NamedTuple
 import numpy as np
 
 from lmlab.errors import LmlabError
+
+log = logging.getLogger(__name__)
 
 QUOTINGS = ("auto", "csv", "none")  # how TSV/CSV quotes are read (data.quoting)
 
@@ -124,6 +127,7 @@ def _extract(shipped: Path, path: Path, corpus: BuiltinCorpus) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, lambda f: f.write(data), len(data))
+        log.info("corpus: extracted %s from the copy shipped with lmlab into %s", path.name, path)
     except OSError as err:
         raise LmlabError(
             f"cannot write {path} (the corpus {corpus.filename}, extracted from the copy "
