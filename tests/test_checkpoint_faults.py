@@ -203,7 +203,7 @@ BAD_HPARAMS = {
     ),
     "unknown tokenizer": (
         lambda h: h.update(tokenizer_state={"kind": "sentencepiece"}),
-        "tokenizer_state.kind is 'sentencepiece', not 'char' or 'tiktoken'",
+        "tokenizer_state.kind is 'sentencepiece', not 'char', 'words' or 'tiktoken'",
     ),
     "tokenizer not a dict": (
         lambda h: h.update(tokenizer_state=["a"]),

@@ -26,7 +26,7 @@ from lightning.fabric.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from lmlab.atomic_write import atomic_write_bytes
-from lmlab.data.tokenizers import Tokenizer, tokenizer_from_state
+from lmlab.data.tokenizers import EOT, UNK, Tokenizer, tokenizer_from_state
 from lmlab.errors import LmlabError
 from lmlab.models import MODELS, build_model
 
@@ -197,7 +197,16 @@ def _bad_tokenizer(state: Any) -> str | None:
         if not isinstance(values, list) or not all(type(r) is int for r in values):
             return "tokenizer_state.rank_values is not a list of whole numbers"
         return None
-    return f"tokenizer_state.kind is {kind!r}, not 'char' or 'tiktoken'"
+    if kind == "words":
+        words = state.get("words")
+        if not isinstance(words, list) or not 2 <= len(words) <= MAX_VOCAB:
+            return "tokenizer_state.words is not a list of the tokenizer's words"
+        if not all(isinstance(w, str) and w for w in words) or len(set(words)) < len(words):
+            return "tokenizer_state.words holds something other than distinct words"
+        if words[-2:] != [EOT, UNK]:
+            return f"tokenizer_state.words does not end with {EOT} and {UNK}"
+        return None
+    return f"tokenizer_state.kind is {kind!r}, not 'char', 'words' or 'tiktoken'"
 
 
 def load_for_sampling(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Tokenizer]:
@@ -331,6 +340,8 @@ def _describe_tokenizer(state: dict[str, Any]) -> str:
     kind = state.get("kind", "unknown")
     if kind == "char":
         return f"char, {len(state.get('chars', []))} characters"
+    if kind == "words":
+        return f"words, {len(state.get('words', []))} tokens"
     return f"{kind} {state.get('name') or state.get('encoding') or ''}".strip()
 
 

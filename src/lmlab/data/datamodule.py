@@ -6,6 +6,7 @@ loaders' order follows the trainer's position, so a resumed run goes on where it
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -28,6 +29,8 @@ from lmlab.data.token_cache import PartStats
 from lmlab.data.tokenization import TokenSettings, tokenize_corpus
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
+
+log = logging.getLogger(__name__)
 
 EXAMPLES = ("random", "sliding", "documents")
 
@@ -57,6 +60,7 @@ class TextDataModule(L.LightningDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         sampling: str | None = None,  # the deprecated name of `examples`
+        min_count: int = 1,
     ):
         super().__init__()
         if corpus is None and path is None:
@@ -85,6 +89,11 @@ class TextDataModule(L.LightningDataModule):
             raise LmlabError(f"data.examples must be one of {EXAMPLES}, got {self.examples!r}")
         if block_size < 1 or batch_size < 1:
             raise LmlabError("data.block_size and data.batch_size must be positive")
+        if not isinstance(min_count, int) or isinstance(min_count, bool) or min_count < 1:
+            raise LmlabError(
+                f"data.min_count must be a whole number >= 1 (1 keeps every word of the "
+                f"training part), got {min_count!r}"
+            )
         self.corpus, self.path, self.data_dir = corpus, path, data_dir
         if text_field is None and path is None and corpus in BUILTIN_CORPORA:
             text_field = BUILTIN_CORPORA[corpus].text_field
@@ -103,6 +112,8 @@ class TextDataModule(L.LightningDataModule):
         self.documents: dict[str, list[torch.Tensor]] = {}
         # documents, characters, UTF-8 bytes and tokens of each part: what was scored
         self.parts: dict[str, PartStats] = {}
+        # words: each part's share of word tokens that are <|unk|>; empty for other tokenizers
+        self.unknown_rates: dict[str, float] = {}
 
     def corpus_path(self) -> Path:
         if self.path is not None:
@@ -122,6 +133,7 @@ class TextDataModule(L.LightningDataModule):
         streams = {name: torch.from_numpy(tokens.part(name)) for name in tokens.parts}
         self.train_stream, self.val_stream = streams["train"], streams["val"]
         self.test_stream = streams.get("test")
+        self._count_unknown_words(streams)
         if self.examples == "documents":
             self.documents = {
                 name: [torch.from_numpy(d) for d in tokens.documents(name)] for name in streams
@@ -138,6 +150,24 @@ class TextDataModule(L.LightningDataModule):
             documents = self.documents["train"]
             self.train_dataset = DocumentWindows(documents, self.block_size, self.boundary_id)
         self.val_dataset = self._eval_dataset("val")
+
+    def _count_unknown_words(self, streams: dict[str, torch.Tensor]) -> None:
+        """Each part's share of word tokens (boundaries left out) that are <|unk|>. An unknown
+        word costs only what the model gives <|unk|>, one token for every word it lacks, so
+        the validation figures flatter a word model by about this share."""
+        unknown_id = getattr(self.tokenizer, "unknown_id", None)
+        if unknown_id is None:
+            return
+        for name, stream in streams.items():
+            unknown = int((stream == unknown_id).sum())
+            words = len(stream) - int((stream == self.boundary_id).sum())
+            self.unknown_rates[name] = unknown / max(words, 1)
+            if name == "val":
+                log.info(
+                    f"words: {unknown} of the {words} validation word tokens are <|unk|> "
+                    f"(unknown rate {self.unknown_rates[name]:.2%}); each scores only what the "
+                    "model gives <|unk|>, which flatters val/loss, val/bpc and val/bpb"
+                )
 
     @property
     def train_documents(self) -> list[torch.Tensor]:

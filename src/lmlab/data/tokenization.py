@@ -1,8 +1,8 @@
 """Tokenizing a corpus: its text split into train / val / test, each part tokenized with the
-tokenizer the settings name (or a character vocabulary fitted on the corpus) into one
-memory-mapped stream, cached once made (token_cache.py). Documents are read whole; a single
-plain-text document is cut at line breaks and tokenized piece by piece straight from the
-file, so a corpus larger than memory works too."""
+tokenizer the settings name (or a vocabulary fitted on the corpus: its characters, or the
+words of its training part) into one memory-mapped stream, cached once made (token_cache.py).
+Documents are read whole; a single plain-text document is cut at line breaks and tokenized
+piece by piece straight from the file, so a corpus larger than memory works too."""
 
 from __future__ import annotations
 
@@ -20,7 +20,13 @@ import numpy as np
 
 from lmlab.data import corpus
 from lmlab.data.token_cache import CacheWriteError, CorpusTokens, PartStats, TokenCache, TokenSink
-from lmlab.data.tokenizers import CharTokenizer, Tokenizer, build_tokenizer, token_dtype
+from lmlab.data.tokenizers import (
+    CharTokenizer,
+    Tokenizer,
+    WordTokenizer,
+    build_tokenizer,
+    token_dtype,
+)
 from lmlab.errors import LmlabError
 
 log = logging.getLogger(__name__)
@@ -28,6 +34,7 @@ log = logging.getLogger(__name__)
 MAX_PIECE_BYTES = 64 << 20  # read_text_chunks cuts anywhere rather than hold more than this
 PROGRESS_BYTES = 50 << 20  # a progress bar only for files that take a while
 _NEAR_BYTES = 1 << 16  # how far around its target a cut looks for an ASCII character
+FITTED = ("char", "words")  # tokenizers whose vocabulary is fitted on the corpus
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,7 @@ class TokenSettings:
     train_fraction: float = 0.9
     test_fraction: float = 0.0
     split_seed: int | None = 42  # documents are shuffled with it before they are split
+    min_count: int = 1  # words: how often a word must occur in the training part to be kept
 
 
 def tokenize_corpus(
@@ -53,7 +61,9 @@ def tokenize_corpus(
     if cache_dir is None:
         return _tokenize(path, settings, TokenSink)
     key_fields = asdict(settings)
-    if settings.tokenizer != "char" and Path(settings.tokenizer).expanduser().is_file():
+    if settings.tokenizer != "words":  # it changes no other tokens: their entries stay valid
+        del key_fields["min_count"]
+    if settings.tokenizer not in FITTED and Path(settings.tokenizer).expanduser().is_file():
         key_fields["ranks_sha256"] = corpus.sha256_of(Path(settings.tokenizer).expanduser())
     label = "char" if settings.tokenizer == "char" else Path(settings.tokenizer).stem
     cache = TokenCache(cache_dir, path, label, key_fields)
@@ -81,18 +91,22 @@ def _tokenize(
     normalize, errors = settings.normalize, settings.encoding_errors
     documents = None  # plain text is one document, cut at line breaks and read piece by piece
     if settings.text_field is None and not settings.split_lines:
-        tokenizer = _named_tokenizer(settings) or fit_char_vocabulary(path, normalize, errors)
+        cuts = line_break_cuts(path, list(fractions.values()))
+        tokenizer = _named_tokenizer(settings) or _fit_plain_text(path, settings, cuts[1])
     else:
         how = settings.text_field, settings.split_lines, errors, settings.quoting
         every = corpus.read_documents(path, *how, normalize)
         documents = corpus.split_documents(every, fractions, settings.split_seed, path)
-        # the vocabulary is every character of the corpus (all parts), as the tutorials do
-        tokenizer = _named_tokenizer(settings) or CharTokenizer.fit("\n".join(every))
+        # characters: every one of the corpus (all parts), as the tutorials do; words: those of
+        # the training part only, so that a word first seen in validation is unknown there
+        if settings.tokenizer == "words":
+            tokenizer = WordTokenizer.fit(documents["train"], settings.min_count)
+        else:
+            tokenizer = _named_tokenizer(settings) or CharTokenizer.fit("\n".join(every))
     sink = open_sink(token_dtype(tokenizer.vocab_size))
     parts, lengths = {}, []
     try:
         if documents is None:
-            cuts = line_break_cuts(path, list(fractions.values()))
             for name, (start, end) in zip(fractions, pairwise(cuts), strict=True):
                 first = sink.num_tokens
                 chars, nbytes = encode_plain_text(
@@ -112,7 +126,7 @@ def _tokenize(
     seconds = round(time.perf_counter() - started, 3)
     meta = {"corpus": str(path), "settings": asdict(settings), "seconds": seconds}
     meta["parts"] = {name: asdict(stats) for name, stats in parts.items()}
-    meta["tokenizer"] = tokenizer.state() if settings.tokenizer == "char" else None
+    meta["tokenizer"] = tokenizer.state() if settings.tokenizer in FITTED else None
     sink.commit(meta)
     where = f"cached at {sink.cache.bin_path}" if sink.cache else "not cached"
     log.info("tokens: tokenized %s (%d tokens) in %.1f s, %s", path.name, len(ids), seconds, where)
@@ -120,8 +134,30 @@ def _tokenize(
 
 
 def _named_tokenizer(settings: TokenSettings) -> Tokenizer | None:
-    """The tokenizer the settings name; None for `char`, which is fitted on the corpus."""
-    return None if settings.tokenizer == "char" else build_tokenizer(settings.tokenizer)
+    """The tokenizer the settings name; None for `char` and `words`, fitted on the corpus."""
+    return None if settings.tokenizer in FITTED else build_tokenizer(settings.tokenizer)
+
+
+def _fit_plain_text(path: Path, settings: TokenSettings, train_end: int) -> Tokenizer:
+    """The vocabulary of a plain-text corpus whose training part is bytes [0, train_end)."""
+    normalize, errors = settings.normalize, settings.encoding_errors
+    if settings.tokenizer == "words":
+        return fit_word_vocabulary(path, normalize, errors, train_end, settings.min_count)
+    return fit_char_vocabulary(path, normalize, errors)
+
+
+def fit_word_vocabulary(
+    path: Path,
+    normalize: str | None,
+    encoding_errors: str = "strict",
+    end: int | None = None,
+    min_count: int = 1,
+    chunk_bytes: int = 0,
+) -> WordTokenizer:
+    """The word vocabulary of bytes [0, end) of a plain-text file, read piece by piece."""
+    chunk_bytes = chunk_bytes or WordTokenizer.piece_bytes
+    pieces = read_text_chunks(path, chunk_bytes, encoding_errors, 0, end, normalize, "vocabulary")
+    return WordTokenizer.fit((text for _, text in pieces), min_count)
 
 
 def fit_char_vocabulary(

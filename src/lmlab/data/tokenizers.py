@@ -1,6 +1,7 @@
 """Tokenizers behind one small interface, `Tokenizer` (a new kind is one class here):
-characters, or BPE through tiktoken. `state()` is plain data (lists, strings, numbers): a
-checkpoint carries it and loads with `torch.load(..., weights_only=True)`."""
+characters, regex words with `<|unk|>`, or BPE through tiktoken. `state()` is plain data
+(lists, strings, numbers): a checkpoint carries it and loads with
+`torch.load(..., weights_only=True)`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import base64
 import binascii
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -19,6 +21,7 @@ from numpy.typing import DTypeLike
 from lmlab.errors import LmlabError
 
 EOT = "<|endoftext|>"
+UNK = "<|unk|>"  # the word tokenizer's token for every word outside its vocabulary
 # one BPE, two names: `gpt2` downloads two extra files, `r50k_base` is one cached file
 ENCODING_ALIASES = {"gpt2": "r50k_base"}
 # tiktoken's ranks are 32-bit and <|endoftext|> takes the rank after the largest one.
@@ -29,6 +32,11 @@ RANKS_FILE_HELP = (
 )
 _GPT2_RE = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 _RANK_TEXT = re.compile(r"[0-9]+")  # int() would also take '+1', '1_000' and other digits
+# SimpleTokenizerV2's split (Raschka, "Build a Large Language Model", ch. 2): punctuation,
+# double dashes and whitespace are cut off as pieces of their own; whitespace is then dropped.
+_WORD_SPLIT = re.compile(r"""([,.:;?_!"()']|--|\s)""")
+# ... and its decoding: words joined by spaces, then the space before punctuation taken out
+_BEFORE_PUNCTUATION = re.compile(r"""\s+([,.:;?!"()'])""")
 
 
 class Tokenizer(Protocol):
@@ -149,6 +157,72 @@ class CharTokenizer:
 
     def state(self) -> dict[str, Any]:
         return {"kind": "char", "chars": self.itos}
+
+
+class WordTokenizer:
+    """Raschka's SimpleTokenizerV2: regex words, `<|endoftext|>` between documents and
+    `<|unk|>` for every word outside the vocabulary (so any text encodes). The vocabulary is
+    the sorted words of the text it is fitted on, then those two tokens, as in the tutorial.
+    Decoding joins words with single spaces: line breaks and spacing are not kept."""
+
+    piece_bytes = 4 << 20  # a piece's words are Python strings: a few hundred MB of them
+
+    def __init__(self, words: list[str]):
+        self.itos: list[str] = list(words)
+        if self.itos[-2:] != [EOT, UNK] or len(set(self.itos)) != len(self.itos):
+            raise LmlabError(
+                f"a word vocabulary must list each word once and end with {EOT} and {UNK}"
+            )
+        self.vocab_size = len(self.itos)
+        self.stoi: dict[str, int] = {w: i for i, w in enumerate(self.itos)}
+        self.unknown_id = self.stoi[UNK]
+
+    @staticmethod
+    def split(text: str) -> list[str]:
+        """The tutorial's pieces of a text: punctuation, `--` and words; no whitespace."""
+        return [piece.strip() for piece in _WORD_SPLIT.split(text) if piece.strip()]
+
+    @classmethod
+    def fit(cls, text: str | Iterable[str], min_count: int = 1) -> WordTokenizer:
+        """The words seen at least `min_count` times in a text (or in its pieces), sorted,
+        then `<|endoftext|>` and `<|unk|>`."""
+        if not isinstance(min_count, int) or isinstance(min_count, bool) or min_count < 1:
+            raise LmlabError(f"data.min_count must be a whole number >= 1, got {min_count!r}")
+        counts: Counter[str] = Counter()
+        for piece in [text] if isinstance(text, str) else text:
+            counts.update(cls.split(piece))
+        kept = sorted(w for w, n in counts.items() if n >= min_count and w not in (EOT, UNK))
+        return cls([*kept, EOT, UNK])
+
+    @property
+    def boundary_id(self) -> int:
+        return self.stoi[EOT]
+
+    def encode(self, text: str, dtype: DTypeLike = np.int64) -> np.ndarray:
+        unknown, get = self.unknown_id, self.stoi.get
+        return np.array([get(w, unknown) for w in self.split(text)], dtype=dtype)
+
+    def encode_documents(self, documents: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        pieces = [self.encode(d) for d in documents]
+        lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+        ids = np.full(int(lengths.sum()) + len(pieces) - 1, self.boundary_id, np.int64)
+        for view, piece in zip(document_views(ids, lengths), pieces, strict=True):
+            view[:] = piece
+        return ids, lengths
+
+    def encode_pieces(self, pieces: Iterable[str], dtype: DTypeLike) -> Iterator[np.ndarray]:
+        # a piece ends just before whitespace (read_text_chunks), where the split cuts anyway
+        return (self.encode(text, dtype) for text in pieces)
+
+    def unknown_characters(self, text: str) -> dict[str, int]:
+        return {}  # every text encodes: an unknown word is <|unk|>
+
+    def decode(self, ids: list[int] | np.ndarray) -> str:
+        text = " ".join(self.itos[int(i)] for i in ids)
+        return _BEFORE_PUNCTUATION.sub(r"\1", text)
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": "words", "words": self.itos}
 
 
 class TiktokenTokenizer:
@@ -310,7 +384,7 @@ def _load_encoding(name: str):
                 f"unknown tiktoken encoding {name!r}; known encodings are "
                 f"{sorted({*tiktoken.list_encoding_names(), *ENCODING_ALIASES})}, found in "
                 f"TIKTOKEN_CACHE_DIR (now {cache}) or downloaded once; "
-                "or set data.tokenizer to a local .tiktoken ranks file"
+                "or set data.tokenizer to char, words or a local .tiktoken ranks file"
             ) from err
         # The download error of an offline machine is pages long: its first line will do.
         reason = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
@@ -324,7 +398,8 @@ def _load_encoding(name: str):
 
 
 def build_tokenizer(spec: str) -> Tokenizer:
-    """A tiktoken encoding name or `.tiktoken` ranks file (`char` is `CharTokenizer.fit`)."""
+    """A tiktoken encoding name or `.tiktoken` ranks file (`char` and `words` are fitted on a
+    corpus: `CharTokenizer.fit`, `WordTokenizer.fit`)."""
     if spec.endswith(".tiktoken") or os.sep in spec:
         path = Path(spec).expanduser()
         return TiktokenTokenizer(str(path), read_ranks_file(path))
@@ -335,6 +410,8 @@ def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
     kind = state.get("kind")
     if kind == "char":
         return CharTokenizer(list(state["chars"]))
+    if kind == "words":
+        return WordTokenizer(list(state["words"]))
     if kind != "tiktoken":
         raise LmlabError(f"unknown tokenizer kind {kind!r} in checkpoint")
     ranks = None
