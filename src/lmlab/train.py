@@ -321,9 +321,16 @@ def main() -> None:
 
         print(train_help())
         return
-    from lmlab.runs.resume import main_arguments
+    from lmlab.cli import refuse
+    from lmlab.runs.distributed import torchrun_arguments
+    from lmlab.runs.resume import resume_arguments
 
-    main_arguments()  # ckpt_path inside a run directory: continue that run, where it was
+    # ckpt_path inside a run directory: continue that run, where it was (under torchrun, rank 0
+    # decides that, and the run's directory, for every rank)
+    try:
+        sys.argv[1:] = torchrun_arguments(sys.argv[1:], resume_arguments)
+    except LmlabError as err:
+        refuse("lmlab-train", err)
     if not sys.stderr.isatty():  # Optuna's colorlog writes colour codes even into files
         os.environ.setdefault("NO_COLOR", "1")
     try:
