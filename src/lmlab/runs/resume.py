@@ -10,7 +10,6 @@ instead of starting a new one. What is typed on the command line wins over what 
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import yaml
@@ -80,8 +79,3 @@ def _last_value(args: list[str], key: str) -> str | None:
 def _quoted(path: Path) -> str:
     """A path as one Hydra override value: quoted, as it may hold characters of the grammar."""
     return '"' + str(path).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def main_arguments() -> None:
-    """Apply `resume_arguments` to this process's command line (before Hydra reads it)."""
-    sys.argv[1:] = resume_arguments(sys.argv[1:])
