@@ -178,16 +178,46 @@ class FiniteLossCheck(L.Callback):
 class SampleTextCallback(L.Callback):
     """After every `every_n_validations`-th validation, generate a few samples (settings as
     lmlab-sample's) and write them to TensorBoard's text tab and to `samples.txt` in the run
-    directory."""
+    directory.
 
-    def __init__(self, output_dir: str, every_n_validations: int = 1, **settings: Any) -> None:
+    On a line corpus (names: `data.split_lines`, or documents from `data.text_field`) samples
+    end at the boundary and are labelled "in train", "in val" or "new" (lmlab.sample_labels);
+    the share of new ones is logged as `samples/new_fraction`. `stop_at_boundary` and
+    `num_samples` left at null follow the corpus: line corpora get `line_num_samples` short
+    samples, running text `text_num_samples` long ones."""
+
+    def __init__(
+        self,
+        output_dir: str,
+        every_n_validations: int = 1,
+        num_samples: int | None = None,
+        line_num_samples: int = 20,
+        text_num_samples: int = 2,
+        stop_at_boundary: bool | None = None,
+        **settings: Any,
+    ) -> None:
         from lmlab.generation import SamplingSettings
 
         self.path = Path(output_dir) / "samples.txt"
         self.every_n_validations = max(1, every_n_validations)
-        self.settings = SamplingSettings(**settings)
+        self.num_samples = num_samples
+        self.line_num_samples, self.text_num_samples = line_num_samples, text_num_samples
+        self.stop_at_boundary = stop_at_boundary
+        # checked now, so that a bad setting fails before training rather than at validation
+        for lines in (True, False):
+            stop = lines if stop_at_boundary is None else stop_at_boundary
+            SamplingSettings(
+                **settings, num_samples=self._num_samples(lines), stop_at_boundary=stop
+            )
+        self.settings = settings
+        self._known: Any = None  # the documents of a line corpus, read at the first sample
         self._validations = 0
         self._last_step = -1
+
+    def _num_samples(self, lines: bool) -> int:
+        if self.num_samples is not None:
+            return self.num_samples
+        return self.line_num_samples if lines else self.text_num_samples
 
     @rank_zero_only
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -203,16 +233,35 @@ class SampleTextCallback(L.Callback):
             return
         self._last_step = step
         from lmlab.data.tokenizers import tokenizer_from_state
-        from lmlab.generation import sample_text
+        from lmlab.generation import SamplingSettings, sample_text
+        from lmlab.sample_labels import KnownDocuments, is_line_corpus, labelled_lines, new_summary
 
+        lines = is_line_corpus(getattr(trainer, "datamodule", None))
+        stop = lines if self.stop_at_boundary is None else self.stop_at_boundary
+        settings = SamplingSettings(
+            **self.settings, num_samples=self._num_samples(lines), stop_at_boundary=stop
+        )
         tokenizer = tokenizer_from_state(pl_module.hparams.tokenizer_state)
-        texts = sample_text(pl_module.model, tokenizer, self.settings, device=pl_module.device)
+        texts = sample_text(pl_module.model, tokenizer, settings, device=pl_module.device)
+        if lines and stop:  # each sample is one document: label it
+            if self._known is None:
+                self._known = KnownDocuments.of(trainer.datamodule)
+            labels = [self._known.label(t) for t in texts]
+            for logger in trainer.loggers:
+                logger.log_metrics({"samples/new_fraction": self._known.new_fraction(texts)}, step)
+            shown = labelled_lines(texts, labels)
+            # a markdown code block (indented 4 spaces): TensorBoard keeps the label column
+            markdown = "".join(f"    {line}\n" for line in shown) + f"\n{new_summary(labels)}"
+            block = f"=== step {step}: {new_summary(labels)} ===\n" + "\n".join(shown) + "\n"
+        else:
+            # two trailing spaces: TensorBoard renders markdown, keep the line breaks
+            markdown = "\n\n---\n\n".join(t.replace("\n", "  \n") for t in texts)
+            block = "".join(
+                f"=== step {step}, sample {i + 1} ===\n{t}\n" for i, t in enumerate(texts)
+            )
         for logger in trainer.loggers:
             if hasattr(logger.experiment, "add_text"):
-                # two trailing spaces: TensorBoard renders markdown, keep the line breaks
-                body = "\n\n---\n\n".join(t.replace("\n", "  \n") for t in texts)
-                logger.experiment.add_text("samples", body, global_step=step)
-        block = "".join(f"=== step {step}, sample {i + 1} ===\n{t}\n" for i, t in enumerate(texts))
+                logger.experiment.add_text("samples", markdown, global_step=step)
         previous = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
         atomic_write_text(self.path, previous + block)
 

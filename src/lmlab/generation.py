@@ -6,7 +6,12 @@ them, the window jumps forward to keep the last `shifted_context(block_size)` (3
 grows again from there, llama.cpp's "context shift". A sliding window would move every token's
 position at every step, so a cache of learned-position keys could never be reused past
 block_size; the jump refills it once per block_size/4 tokens. With a cache or without, the
-window follows this rule, so both compute the same logits and greedy decoding agrees."""
+window follows this rule, so both compute the same logits and greedy decoding agrees.
+
+Stopping. With `stop_id` (the tokenizer's boundary: "\n" for characters, <|endoftext|> for
+BPE) a sample ends at its first boundary after the prompt, as a name ends at its line break.
+The check sits after the next token is chosen, where the cached and uncached paths meet, so
+both stop alike."""
 
 from __future__ import annotations
 
@@ -53,10 +58,15 @@ def generate(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    stop_id: int | None = None,
 ) -> torch.Tensor:
     """Extend `idx (B, T)` by `max_new_tokens` tokens; temperature 0 means greedy. With
     `use_cache` and a model that has `init_cache()`, the prompt is fed once and then one token
-    per step; the cache is refilled only when the window jumps (see the module doc)."""
+    per step; the cache is refilled only when the window jumps (see the module doc).
+
+    With `stop_id`, a row ends at its first `stop_id` after the prompt: every later position
+    of that row holds `stop_id` too (padding, never a sampled token), and generation stops
+    early once every row has ended, so rows may be shorter than `max_new_tokens`."""
     # the same checks as every other way in: settings out of range are refused here too
     SamplingSettings(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p
@@ -67,6 +77,7 @@ def generate(
     cache = model.init_cache() if use_cache and hasattr(model, "init_cache") else None
     start = max(0, idx.size(1) - block_size)  # the window: idx[:, start:], cropping the prompt
     cached_upto = start  # idx[:, start:cached_upto] is in the cache
+    ended = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)  # (B, 1)
     for _ in range(max_new_tokens):
         if idx.size(1) - start > block_size:  # the window jumps
             start = idx.size(1) - shifted_context(block_size)
@@ -83,7 +94,14 @@ def generate(
         else:
             probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), -1)
             next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+        if stop_id is not None:
+            # Ended rows still draw (and discard) a token: the random stream advances as if
+            # nothing stopped, so a row's tokens do not depend on when the other rows end.
+            next_id = next_id.masked_fill(ended, stop_id)
+            ended = ended | (next_id == stop_id)
         idx = torch.cat([idx, next_id], dim=1)
+        if stop_id is not None and bool(ended.all()):
+            break
     model.train(was_training)
     return idx
 
@@ -101,6 +119,9 @@ class SamplingSettings:
     top_k: int | None = None  # 0 or None: no cut
     top_p: float | None = None  # None: no cut
     seed: int | None = None  # the same seed gives the same texts
+    # end each sample at the tokenizer's boundary (a name at its line break); callers decide
+    # from the corpus (lmlab.sample_labels.is_line_corpus) when the user leaves it open
+    stop_at_boundary: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -112,6 +133,10 @@ class SamplingSettings:
             problems.append(f"temperature must be 0 (greedy) or more, got {self.temperature!r}")
         if self.top_p is not None and (not _is_number(self.top_p) or not 0 < self.top_p <= 1):
             problems.append(f"top_p must be in (0, 1], or null for no cut, got {self.top_p!r}")
+        if not isinstance(self.stop_at_boundary, bool):
+            problems.append(
+                f"stop_at_boundary must be true or false, got {self.stop_at_boundary!r}"
+            )
         if problems:
             raise LmlabError("; ".join(problems))
 
@@ -146,12 +171,25 @@ def sample_text(
 ) -> list[str]:
     """`settings.num_samples` texts, each the prompt and its continuation, in one batch. An
     empty prompt starts from the boundary token (the start of a document), which is not part
-    of the returned text. The same seed gives the same texts."""
+    of the returned text. The same seed gives the same texts. With `stop_at_boundary`, each
+    text ends just before the first boundary token generated (which is not returned)."""
     device = torch.device(device if device is not None else next(model.parameters()).device)
     s = settings
     ids = encode_prompt(tokenizer, s.prompt) if s.prompt else [tokenizer.boundary_id]
     idx = torch.as_tensor(ids, dtype=torch.long, device=device).repeat(s.num_samples, 1)  # (N, T)
     generator = None if s.seed is None else torch.Generator(device=device).manual_seed(s.seed)
-    out = generate(model, idx, s.max_new_tokens, s.temperature, s.top_k, s.top_p, generator)
+    stop_id = tokenizer.boundary_id if s.stop_at_boundary else None
+    out = generate(
+        model, idx, s.max_new_tokens, s.temperature, s.top_k, s.top_p, generator, stop_id=stop_id
+    )
     skip = 0 if s.prompt else 1  # the boundary token that stood in for an empty prompt
-    return [tokenizer.decode(row[skip:].tolist()) for row in out.cpu()]
+    rows = [row.tolist() for row in out.cpu()]
+    if stop_id is not None:  # cut at the first boundary after the prompt
+        prompt_len = idx.size(1)
+        rows = [r[: prompt_len + _index(r[prompt_len:], stop_id)] for r in rows]
+    return [tokenizer.decode(row[skip:]) for row in rows]
+
+
+def _index(ids: list[int], token: int) -> int:
+    """The position of `token` in `ids`, or len(ids) when it is not there."""
+    return ids.index(token) if token in ids else len(ids)
