@@ -65,7 +65,8 @@ class TokensPerSecond(L.Callback):
 
 class RunSummary(L.Callback):
     """Writes `metrics.json` in the run directory: best and last validation metrics, size,
-    steps, throughput, wall time and status (also when the run fails)."""
+    steps, throughput, wall time and status (also when the run fails), and for a word model
+    `val/unknown_rate`, the share of validation word tokens that are <|unk|>."""
 
     def __init__(self, output_dir: str) -> None:
         self.path = Path(output_dir) / "metrics.json"
@@ -75,6 +76,13 @@ class RunSummary(L.Callback):
         self.extra: dict[str, Any] = {}
         self.status = "running"
         self.summary: dict[str, Any] = {}
+        self.unknown_rate: float | None = None  # words: validation word tokens that are <|unk|>
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # kept from the datamodule while there is one (trainer.test with loaders has none)
+        rates = getattr(getattr(trainer, "datamodule", None), "unknown_rates", None) or {}
+        if "val" in rates:
+            self.unknown_rate = rates["val"]
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -115,6 +123,8 @@ class RunSummary(L.Callback):
             "val/loss": self.best.get("val/loss"),
             "val/bpc": self.best.get("val/bpc"),
             "val/bpb": self.best.get("val/bpb"),
+            # a word model's unknown words cost what it gives <|unk|>: its figures flatter it
+            **({"val/unknown_rate": self.unknown_rate} if self.unknown_rate is not None else {}),
             "num_params": sum(p.numel() for p in pl_module.parameters()),
             "steps": trainer.global_step,
             "tokens_per_sec": throughput.mean_tokens_per_sec if throughput else None,
