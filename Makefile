@@ -26,6 +26,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(INSTALL_TORCH)
 	$(BIN)/pip install -e ".[dev]"
+	@# an older .venv's hydra-optuna-sweeper would register the same hydra/sweeper=optuna
+	-$(BIN)/pip uninstall -q -y hydra-optuna-sweeper 2>/dev/null
 	touch $@
 
 ## Train the default experiment (the tutorial's bigram on tiny Shakespeare); pass ARGS="..." for overrides.

@@ -290,10 +290,16 @@ def test_no_escape_codes_in_the_log_file_of_hydras_job_logging(tmp_path: Path, m
 
 
 def test_optuna_log_lines_have_no_escape_codes_when_stderr_is_not_a_terminal(quiet, monkeypatch):
-    """Optuna 2.10 formats its lines with colorlog, which colours them even in a file."""
+    """Optuna formats its lines with colorlog: colour on a terminal, none in a file."""
     optuna_logging = pytest.importorskip("optuna.logging")
     record = logging.LogRecord("optuna", logging.INFO, __file__, 1, "Trial 0 finished", (), None)
-    assert "\x1b" in optuna_logging.create_default_formatter().format(record)  # the control
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())  # the control: a terminal gets colours
+    assert "\x1b" in optuna_logging.create_default_formatter().format(record)
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # redirected
     quiet_third_party()
     assert "\x1b" not in optuna_logging.create_default_formatter().format(record)

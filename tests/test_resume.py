@@ -49,7 +49,7 @@ def _with_callback(monkeypatch, callback: L.Callback) -> None:
     """Training also runs `callback`, after the configured ones."""
     build_run = train_module.build_run
     monkeypatch.setattr(
-        train_module, "build_run", lambda cfg: build_run(cfg, extra_callbacks=(callback,))
+        train_module, "build_run", lambda cfg, extra=(): build_run(cfg, (*extra, callback))
     )
 
 

@@ -21,6 +21,7 @@ from lmlab.errors import LmlabError
 from lmlab.lit_module import is_logging_step
 from lmlab.lr_finder import LearningRateRangeTest
 from lmlab.private_apis import note_sigterm
+from lmlab.runs import requeue
 
 
 class TokensPerSecond(L.Callback):
@@ -109,7 +110,10 @@ class RunSummary(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         interrupted = isinstance(exception, (KeyboardInterrupt, SIGTERMException))
-        self.status = "interrupted" if interrupted else "failed"
+        # stopped by the Optuna sweeper's pruner (lmlab.optuna_pruning); optuna is loaded then
+        optuna = sys.modules.get("optuna")
+        pruned = optuna is not None and isinstance(exception, optuna.TrialPruned)
+        self.status = "interrupted" if interrupted else "pruned" if pruned else "failed"
         self.write(trainer, pl_module, error=f"{type(exception).__name__}: {exception}")
 
     @rank_zero_only
@@ -305,6 +309,9 @@ class CheckpointOnInterrupt(L.Callback):
         self.signal_name = "SIGTERM"
         if _in_main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+            # in a submitit SLURM job, its time-limit signal too; the job is requeued after
+            # the save (lmlab.runs.requeue)
+            requeue.hold_during_training(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore_handler()
@@ -333,6 +340,8 @@ class CheckpointOnInterrupt(L.Callback):
         if not isinstance(exception, SIGTERMException):
             return
         trainer.save_checkpoint(self.path)  # every process takes part; rank zero writes
+        if requeue.was_signalled():
+            self.signal_name = requeue.requeue_signal().name
         if trainer.is_global_zero:
             print(
                 f"lmlab-train: {self.signal_name} at step {trainer.global_step}: saved "
@@ -344,6 +353,7 @@ class CheckpointOnInterrupt(L.Callback):
         if self._previous_handler is not None and _in_main_thread():
             signal.signal(signal.SIGINT, self._previous_handler)
         self._previous_handler = None
+        requeue.release()
 
 
 def _find(trainer: L.Trainer, kind: type) -> Any:

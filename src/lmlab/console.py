@@ -421,7 +421,7 @@ _LOG_NOISE = {
     "lightning.pytorch.trainer.connectors.checkpoint_connector": (
         "`weights_only` was not set, defaulting to `False`.",
     ),
-    # `import optuna` (2.10) imports alembic, which logs `setup plugin ...` seven times
+    # an Optuna study in a database migrates it through alembic, which logs `setup plugin ...`
     "alembic.runtime.plugins": ("setup plugin",),
 }
 
@@ -463,8 +463,8 @@ def quiet_third_party() -> None:
     logging; calling it again adds nothing.
 
     Also: Lightning's lines once, not twice (see `_drop_lightning_stderr_copy`); and no colour
-    codes from Optuna 2.10, which logs through colorlog, which writes them even into a file:
-    NO_COLOR (honoured by colorlog and Rich) turns them off when stderr is no terminal."""
+    codes in a log file: NO_COLOR (honoured by colorlog, through which Optuna logs, and Rich)
+    turns them off when stderr is no terminal."""
     for name, prefixes in _LOG_NOISE.items():
         logger = logging.getLogger(name)  # the same object the library logs through later
         if not any(isinstance(f, _DropMessages) for f in logger.filters):

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import lightning as L
 
     from lmlab.lit_module import LitLanguageModel
+    from lmlab.optuna_pruning import PrunedTrial
 
 log = logging.getLogger("lmlab")
 
@@ -153,6 +154,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     from lmlab.checkpoint import check_resumable, check_same_data, resolve_auto
     from lmlab.console import format_parameters, print_config_tree, start_banner
     from lmlab.hparams_tab import log_final_hparams, run_hparams
+    from lmlab.optuna_pruning import pruning_callbacks
+    from lmlab.runs.requeue import ckpt_path_for_this_job
 
     if (threads := threads_per_parallel_job()) is not None:
         torch.set_num_threads(threads)
@@ -161,7 +164,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
             print_config_tree(cfg)
         for line in start_banner(Path(cfg.paths.output_dir)).splitlines():
             log.info(line)
-    run = build_run(cfg)
+    run = build_run(cfg, pruning_callbacks(cfg))  # an Optuna trial's job reports to its trial
     datamodule, module, trainer = run.datamodule, run.module, run.trainer
     if cfg.get("test") and datamodule.test_stream is None:
         raise LmlabError(
@@ -185,7 +188,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     if summary is not None:
         summary.extra["data"] = datamodule.part_summary()
 
-    ckpt_path = resolve_auto(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    # a requeued SLURM job continues from its own last.ckpt (lmlab.runs.requeue)
+    ckpt_path = resolve_auto(ckpt_path_for_this_job(cfg.get("ckpt_path")), cfg.paths.output_dir)
     if ckpt_path is not None:  # it exists, is a checkpoint, and fits this data
         max_steps = cfg.trainer.get("max_steps", -1)
         if (saved := check_resumable(ckpt_path, module, max_steps)) is not None:
@@ -255,14 +259,16 @@ def _report_user_error(err: BaseException) -> LmlabError | None:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://lmlab.conf", config_name="train")
-def _hydra_main(cfg: DictConfig) -> float | None:
-    """One run, or one job of a sweep; returns `optimized_metric` for Hydra's sweepers."""
+def _hydra_main(cfg: DictConfig) -> float | PrunedTrial | None:
+    """One run, or one job of a sweep; returns `optimized_metric` for Hydra's sweepers (a
+    `PrunedTrial` when the Optuna sweeper's pruner stopped the run)."""
     from lightning.pytorch.utilities import rank_zero_only
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from lmlab.callbacks import record_failure
     from lmlab.cli import refuse
     from lmlab.console import quiet_third_party
+    from lmlab.runs.requeue import requeue_if_signalled
 
     quiet_third_party()  # before anything is built; again in each job of a sweep
 
@@ -273,9 +279,15 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         summary = train(cfg)
     except SIGTERMException:
         # stopped by a signal; the checkpoint and "interrupted" status are written already.
+        # A SLURM job's time-limit signal: submitit requeues the job now (and exits).
+        requeue_if_signalled()
         # 128 + 15, as a shell reports a process ended by SIGTERM; a sweep stops here too.
         sys.exit(143)
     except Exception as err:
+        from lmlab.optuna_pruning import pruned_result
+
+        if (pruned := pruned_result(err)) is not None:
+            return pruned  # metrics.json says "pruned" already (RunSummary)
         user_error = _report_user_error(err)
         record_failure(
             output_dir, f"{type(user_error or err).__name__}: {user_error or err}", started
@@ -331,7 +343,7 @@ def main() -> None:
         sys.argv[1:] = torchrun_arguments(sys.argv[1:], resume_arguments)
     except LmlabError as err:
         refuse("lmlab-train", err)
-    if not sys.stderr.isatty():  # Optuna's colorlog writes colour codes even into files
+    if not sys.stderr.isatty():  # no colour codes in a log file (colorlog and Rich read it)
         os.environ.setdefault("NO_COLOR", "1")
     try:
         _hydra_main()

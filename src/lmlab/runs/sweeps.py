@@ -135,7 +135,13 @@ class SweepReport(NamedTuple):
 
     @property
     def failed(self) -> list[JobOutcome]:
-        return [j for j in self.jobs if j.status != "completed"]
+        """Jobs that neither completed nor were pruned (an Optuna trial stopped early by its
+        pruner: an outcome of the search, not an error)."""
+        return [j for j in self.jobs if j.status not in ("completed", "pruned")]
+
+    @property
+    def pruned(self) -> list[JobOutcome]:
+        return [j for j in self.jobs if j.status == "pruned"]
 
 
 def read_sweep(sweep_dir: Path, since: float = 0.0) -> SweepReport:
@@ -227,8 +233,9 @@ class SweepStatus(Callback):
 
 
 def format_report(report: SweepReport) -> str:
-    failed, n = report.failed, len(report.jobs)
-    head = f"sweep {report.sweep_dir}: {n} jobs, {n - len(failed)} completed"
+    failed, pruned, n = report.failed, report.pruned, len(report.jobs)
+    head = f"sweep {report.sweep_dir}: {n} jobs, {n - len(failed) - len(pruned)} completed"
+    head += f", {len(pruned)} pruned" if pruned else ""
     lines = [head + (f", {len(failed)} failed" if failed else "")]
     lines += [f"  {j.status}: {j.path.name}: {j.error or 'no error recorded'}" for j in failed]
     lines.append(f"compare the runs: lmlab-compare {shlex.quote(str(report.sweep_dir))}")
