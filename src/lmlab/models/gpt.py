@@ -105,12 +105,29 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = _dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of x (B, T, C), split into heads: 3 x (B, nh, T, hs)."""
         B, T, C = x.shape
-        q, k, v = (  # 3 x (B, nh, T, hs)
+        q, k, v = (
             t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
             for t in self.c_attn(x).split(C, dim=2)
         )
+        return q, k, v
+
+    def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention weights (B, nh, T, T) of x (B, T, C), no cache, no dropout: row t is
+        how query t spreads over keys 0..t. SDPA's fused kernels never materialise this matrix,
+        so it is recomputed, softmax(q k^T / sqrt(hs)) under the causal mask, for pictures
+        (lmlab.diagnostics); `probs @ v` is what forward attends to."""
+        q, k, _ = self.heads(x)  # (B, nh, T, hs)
+        T = q.shape[-2]
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])  # (B, nh, T, T)
+        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(diagonal=1)
+        return F.softmax(scores.masked_fill(future, float("-inf")), dim=-1)  # (B, nh, T, T)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.heads(x)  # 3 x (B, nh, T, hs)
         start = 0 if kv_cache is None else kv_cache.length
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # (B, nh, start+T, hs)
@@ -177,6 +194,23 @@ class GPT(nn.Module):
     def init_cache(self) -> KVCache:
         """An empty key/value cache for `forward(idx, kv_cache=...)` (block_size positions)."""
         return KVCache(self.config.n_layer, self.config.block_size)
+
+    def attention_maps(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """The attention weights of every layer for idx (B, T), no cache: a list of n_layer
+        tensors (B, nh, T, T) (see CausalSelfAttention.attention_probs), for pictures of what
+        each head looks at. Each layer's weights are computed from the input its attention
+        sees in the forward pass."""
+        B, T = idx.shape
+        if self.block_size < T:
+            raise LmlabError(too_long_message(f"a sequence of {T} tokens", T, self.block_size))
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        x = self.transformer.drop(tok_emb + self.transformer.wpe(pos))  # (B, T, C)
+        maps = []
+        for block in self.transformer.h:
+            maps.append(block.attn.attention_probs(block.ln_1(x)))  # (B, nh, T, T)
+            x = block(x)  # (B, T, C)
+        return maps
 
     def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, V) for every position of `idx (B, T)`. With a `kv_cache`, idx continues
