@@ -65,6 +65,16 @@ def document_views(ids: np.ndarray, lengths: np.ndarray, start: int = 0) -> list
     return [ids[s : s + n] for s, n in zip(starts.tolist(), lengths.tolist(), strict=True)]
 
 
+def joined_documents(pieces: list, boundary_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each document's ids (`pieces`) joined with the boundary token, and their lengths: what
+    `encode_documents` returns."""
+    lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+    ids = np.full(int(lengths.sum()) + len(pieces) - 1, boundary_id, np.int64)
+    for view, piece in zip(document_views(ids, lengths), pieces, strict=True):
+        view[:] = piece
+    return ids, lengths
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned integer that holds every id: mapped pages count in memory."""
     return np.min_scalar_type(vocab_size - 1)
@@ -204,11 +214,7 @@ class WordTokenizer:
 
     def encode_documents(self, documents: list[str]) -> tuple[np.ndarray, np.ndarray]:
         pieces = [self.encode(d) for d in documents]
-        lengths = np.array([len(p) for p in pieces], dtype=np.int64)
-        ids = np.full(int(lengths.sum()) + len(pieces) - 1, self.boundary_id, np.int64)
-        for view, piece in zip(document_views(ids, lengths), pieces, strict=True):
-            view[:] = piece
-        return ids, lengths
+        return joined_documents(pieces, self.boundary_id)
 
     def encode_pieces(self, pieces: Iterable[str], dtype: DTypeLike) -> Iterator[np.ndarray]:
         # a piece ends just before whitespace (read_text_chunks), where the split cuts anyway
@@ -265,11 +271,7 @@ class TiktokenTokenizer:
 
     def encode_documents(self, documents: list[str]) -> tuple[np.ndarray, np.ndarray]:
         pieces = self.encoding.encode_ordinary_batch(documents, num_threads=self._threads)
-        lengths = np.array([len(p) for p in pieces], dtype=np.int64)
-        ids = np.full(int(lengths.sum()) + len(pieces) - 1, self.boundary_id, np.int64)
-        for view, piece in zip(document_views(ids, lengths), pieces, strict=True):
-            view[:] = piece
-        return ids, lengths
+        return joined_documents(pieces, self.boundary_id)
 
     def encode_pieces(self, pieces: Iterable[str], dtype: DTypeLike) -> Iterator[np.ndarray]:
         pieces = iter(pieces)
