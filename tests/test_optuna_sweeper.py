@@ -355,7 +355,10 @@ def test_an_interrupted_search_resumes_where_it_stopped(tmp_path: Path):
     while time.time() < deadline:
         time.sleep(0.5)
         if (sweep / "optuna.db").is_file():
-            states = [s for _, s, *_ in trial_table(storage, "tiny")]
+            try:
+                states = [s for _, s, *_ in trial_table(storage, "tiny")]
+            except KeyError:  # the database is there, the study not yet
+                continue
             if states.count("RUNNING") == 1 and len(states) == 3:
                 break
     first.send_signal(signal.SIGKILL)

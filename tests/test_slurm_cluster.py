@@ -169,10 +169,7 @@ def test_the_time_limit_signal_saves_after_the_step_then_submitit_requeues(
         last = stopped / "checkpoints" / "last.ckpt"
         assert torch.load(last, weights_only=True)["global_step"] == 14
         assert requeued == [] and not paths.submitted_pickle.exists()
-        # once training is over, the signal again (the limit near during the last writing)
-        # requeues nothing: the job would find its last.ckpt finished
-        os.kill(os.getpid(), signal.SIGUSR2)
-        assert requeued == [] and not paths.submitted_pickle.exists()
+        assert signal.getsignal(signal.SIGUSR2) == handler.checkpoint_and_try_requeue
         # then submitit resubmits the job (one time limit of 1 + 3 used) and exits
         with pytest.raises(SystemExit):
             requeue.requeue_if_signalled()
@@ -185,6 +182,32 @@ def test_the_time_limit_signal_saves_after_the_step_then_submitit_requeues(
     resumed = train(compose_train(overrides, stopped))
     assert resumed["steps"] == whole["steps"] == 30
     assert resumed["last"]["val/loss"] == whole["last"]["val/loss"]
+
+
+def test_after_training_the_signal_requeues_nothing(tmp_path: Path):
+    """A time-limit signal after training (the last validation, the test part, the writing)
+    must not requeue: the requeued job would find its last.ckpt finished."""
+    requeued: list[int] = []
+    delayed = DelayedSubmission(Resubmittable())
+    delayed.set_timeout(timeout_min=1, max_num_timeout=3)
+    paths = SimpleNamespace(submitted_pickle=tmp_path / "submitted.pkl")
+    handler = SignalHandler(
+        SimpleNamespace(global_rank=0, _requeue=requeued.append), paths, delayed
+    )
+    previous = signal.signal(signal.SIGUSR2, handler.checkpoint_and_try_requeue)
+    try:
+        assert requeue.hold_during_training(trainer=None)
+        requeue.release()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert requeued == [] and not paths.submitted_pickle.exists()
+        assert not requeue.was_signalled()
+        # the control: submitit's own handler, as Lightning's teardown puts it back, requeues
+        signal.signal(signal.SIGUSR2, handler.checkpoint_and_try_requeue)
+        with pytest.raises(SystemExit):
+            os.kill(os.getpid(), signal.SIGUSR2)
+        assert requeued == [2]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
 
 
 def test_only_submitits_handler_is_taken_over_and_only_a_requeued_job_resumes(monkeypatch):

@@ -177,6 +177,7 @@ def test_every_experiment_trains_one_step(experiment: str, tmp_path: Path):
     result = run_lmlab(
         "train",
         f"experiment={experiment}",
+        *SHRUNK.get(experiment, []),
         "debug=fdr",
         "trainer=cpu",
         f"hydra.run.dir={tmp_path / 'run'}",

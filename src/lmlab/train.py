@@ -155,6 +155,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     from lmlab.console import format_parameters, print_config_tree, start_banner
     from lmlab.hparams_tab import log_final_hparams, run_hparams
     from lmlab.optuna_pruning import pruning_callbacks
+    from lmlab.runs import requeue
     from lmlab.runs.requeue import ckpt_path_for_this_job
 
     if (threads := threads_per_parallel_job()) is not None:
@@ -198,6 +199,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         _validate_at_start(trainer, module, datamodule)
     # weights_only: resuming never runs code pickled into a checkpoint
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    # Lightning's teardown put back the signal handlers it found (submitit's among them): from
+    # here on a SLURM time-limit signal must not requeue a finished run (lmlab.runs.requeue)
+    requeue.release()
     if summary is None:
         return {}
     if summary.last.get("step") != trainer.global_step and not trainer.fast_dev_run:

@@ -82,9 +82,11 @@ def hold_during_training(trainer: Any) -> bool:
 
 
 def release() -> None:
-    """Training is over: the signal no longer requeues. A requeued job would find its
+    """Training is over (called when it ends, and again once Lightning's teardown has put
+    back the handlers it found): the signal no longer requeues. A requeued job would find its
     `last.ckpt` finished and refuse it, so the run finishes its last validation and writing
-    (the `signal_delay_s` before the limit are for that) instead."""
+    (the `signal_delay_s` before the limit are for that) instead. After training stopped on
+    the signal, `requeue_if_signalled` still calls submitit's handler itself."""
     if _state.submitit_handler is None:
         return
 
