@@ -29,7 +29,12 @@ import numpy as np
 
 from lmlab.cli import log_to_stderr, number, refuse
 from lmlab.data import corpus
-from lmlab.data.tokenization import TokenSettings, line_break_cuts, read_text_chunks
+from lmlab.data.tokenization import (
+    TokenSettings,
+    line_break_cuts,
+    read_part_documents,
+    read_text_chunks,
+)
 from lmlab.errors import LmlabError
 
 log = logging.getLogger("lmlab")
@@ -66,8 +71,7 @@ class Part:
 def corpus_parts(path: Path, settings: TokenSettings) -> dict[str, Part]:
     """The train / val (/ test) parts of a corpus, split as `tokenization._tokenize` splits
     them: a plain text at the same line breaks, documents shuffled and cut the same way."""
-    train, test = settings.train_fraction, settings.test_fraction
-    fractions = {"train": train, "val": 1.0 - train - test} | ({"test": test} if test > 0 else {})
+    fractions = settings.fractions
     normalize, errors = settings.normalize, settings.encoding_errors
     if settings.text_field is None and not settings.split_lines:
         cuts = line_break_cuts(path, list(fractions.values()))
@@ -83,9 +87,7 @@ def corpus_parts(path: Path, settings: TokenSettings) -> dict[str, Part]:
             name: Part(pieces(start, end), math.ceil((end - start) / PIECE_BYTES), 1)
             for name, (start, end) in zip(fractions, pairwise(cuts), strict=True)
         }
-    how = settings.text_field, settings.split_lines, errors, settings.quoting, normalize
-    every = corpus.read_documents(path, *how)
-    parts = corpus.split_documents(every, fractions, settings.split_seed, path)
+    parts = read_part_documents(path, settings)[1]
     return {
         name: Part(lambda d=docs: iter(d), len(docs), len(docs)) for name, docs in parts.items()
     }

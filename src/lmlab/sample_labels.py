@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmlab.data import corpus
-from lmlab.data.tokenization import TokenSettings
+from lmlab.data.tokenization import TokenSettings, read_part_documents
 
 IN_TRAIN, IN_VAL, NEW = "in train", "in val", "new"
 
@@ -33,11 +32,7 @@ def is_line_corpus(datamodule: Any) -> bool:
 def part_documents(path: str | Path, settings: TokenSettings) -> dict[str, list[str]]:
     """The documents of each part (train, val, and test when held out) of a document corpus,
     as `lmlab.data.tokenization` splits them before tokenizing."""
-    train, test = settings.train_fraction, settings.test_fraction
-    fractions = {"train": train, "val": 1.0 - train - test} | ({"test": test} if test > 0 else {})
-    how = settings.text_field, settings.split_lines, settings.encoding_errors, settings.quoting
-    documents = corpus.read_documents(path, *how, settings.normalize)
-    return corpus.split_documents(documents, fractions, settings.split_seed, Path(path))
+    return read_part_documents(Path(path), settings)[1]
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,12 @@ class TokenSettings:
     split_seed: int | None = 42  # documents are shuffled with it before they are split
     min_count: int = 1  # words: how often a word must occur in the training part to be kept
 
+    @property
+    def fractions(self) -> dict[str, float]:
+        """Each part's share of the corpus: train, val, and test when one is held out."""
+        train, test = self.train_fraction, self.test_fraction
+        return {"train": train, "val": 1.0 - train - test} | ({"test": test} if test > 0 else {})
+
 
 def tokenize_corpus(
     path: Path, settings: TokenSettings, cache_dir: str | Path | None = None
@@ -86,17 +92,14 @@ def _tokenize(
 ) -> CorpusTokens:
     """Tokenize every part into one sink, opened by `open_sink(dtype)`."""
     started = time.perf_counter()
-    train, test = settings.train_fraction, settings.test_fraction
-    fractions = {"train": train, "val": 1.0 - train - test} | ({"test": test} if test > 0 else {})
+    fractions = settings.fractions
     normalize, errors = settings.normalize, settings.encoding_errors
     documents = None  # plain text is one document, cut at line breaks and read piece by piece
     if settings.text_field is None and not settings.split_lines:
         cuts = line_break_cuts(path, list(fractions.values()))
         tokenizer = _named_tokenizer(settings) or _fit_plain_text(path, settings, cuts[1])
     else:
-        how = settings.text_field, settings.split_lines, errors, settings.quoting
-        every = corpus.read_documents(path, *how, normalize)
-        documents = corpus.split_documents(every, fractions, settings.split_seed, path)
+        every, documents = read_part_documents(path, settings)
         # characters: every one of the corpus (all parts), as the tutorials do; words: those of
         # the training part only, so that a word first seen in validation is unknown there
         if settings.tokenizer == "words":
@@ -131,6 +134,16 @@ def _tokenize(
     where = f"cached at {sink.cache.bin_path}" if sink.cache else "not cached"
     log.info("tokens: tokenized %s (%d tokens) in %.1f s, %s", path.name, len(ids), seconds, where)
     return CorpusTokens(ids, tokenizer, parts, *lengths)
+
+
+def read_part_documents(
+    path: Path, settings: TokenSettings
+) -> tuple[list[str], dict[str, list[str]]]:
+    """Every document of a document corpus (lines, or a TSV/CSV/JSONL field), and the
+    documents of each part, shuffled with `split_seed` and cut at the parts' fractions."""
+    how = settings.text_field, settings.split_lines, settings.encoding_errors, settings.quoting
+    every = corpus.read_documents(path, *how, settings.normalize)
+    return every, corpus.split_documents(every, settings.fractions, settings.split_seed, path)
 
 
 def _named_tokenizer(settings: TokenSettings) -> Tokenizer | None:
